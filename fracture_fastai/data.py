@@ -16,7 +16,7 @@ import pandas as pd
 from .errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
-           "read_folders", "read_csv", "load_table", "grouped_split", "sample_per_class", "make_demo",
+           "read_folders", "read_csv", "load_table", "grouped_split", "sample_per_class", "make_demo", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -192,7 +192,8 @@ def _class_rows(folder: Path, split: str, skipped: Counter) -> list:
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file())
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
-        skipped["not an image"] += len(files) - len(images)
+        if len(files) > len(images):
+            skipped["not an image"] += len(files) - len(images)
         rows += [dict(file=str(p), label=class_dir.name, split=split, group=group_of(p), polygons=[]) for p in images]
     return rows
 
@@ -288,3 +289,81 @@ def sample_per_class(df: pd.DataFrame, n: int, seed: int = 42) -> pd.DataFrame:
                 break
         parts.append(part[part.group.isin(keep)].head(n))
     return pd.concat(parts).reset_index(drop=True)
+
+
+def class_weights(dls) -> "torch.Tensor":
+    "Inverse-frequency loss weights of `dls`' training labels, normalised to mean 1, in vocab order."
+    import torch
+    classes = list(dls.vocab)
+    counts = dls.train_ds.items.label.value_counts().reindex(classes, fill_value=0).to_numpy(dtype=float)
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def radiograph_dataloaders(
+    table: DataTable,
+    size: int = 224,  # side of the square (padded) model input
+    bs: int = 32,  # batch size
+    seed: int = 42,  # seeds the shuffling, the oversampling and the augmentation
+    num_workers: int = 0,  # DataLoader worker processes; 0 is fastest for small CPU runs
+    balance: str = "none",  # class imbalance: 'none', 'oversample' (weighted sampling) or 'weights' (loss weights)
+    clahe: bool = True,  # CLAHE + median filter; False keeps only the grayscale conversion
+    flip_vert: bool = False,  # add vertical flips to the augmentation
+    augment: bool = True,  # fastai aug_transforms with radiograph defaults
+    device=None,  # None: fastai's default (CUDA when available)
+    **preprocess,  # clahe_clip, clahe_grid, median, denoise for RadiographPreprocess
+):
+    "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
+    from fastai.vision.all import CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, imagenet_stats, set_seed
+    from .transforms import RadiographImage, radiograph_aug_transforms, radiograph_item_tfms
+
+    if balance not in BALANCE:
+        raise DataError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+    df = table.df
+    items = df[df.split.isin(["train", "valid"])].reset_index(drop=True)
+    for split in ("train", "valid"):
+        if not (items.split == split).any():
+            raise DataError(f"the data has no {split} images; check the dataset's splits")
+    classes = sorted(items.label.unique())
+    empty_valid = sorted(set(classes) - set(items[items.split == "valid"].label))
+    if set(items[items.split == "train"].label) != set(classes):
+        missing = sorted(set(classes) - set(items[items.split == "train"].label))
+        raise DataError(f"class(es) {missing} have no training images; add images or drop the class")
+    set_seed(seed, reproducible=True)
+    batch_tfms = radiograph_aug_transforms(flip_vert=flip_vert) if augment else [Normalize.from_stats(*imagenet_stats)]
+    block = DataBlock(
+        blocks=(ImageBlock(cls=RadiographImage), CategoryBlock(vocab=classes)),
+        get_x=ColReader("file"),
+        get_y=ColReader("label"),
+        splitter=IndexSplitter(items.index[items.split == "valid"]),
+        item_tfms=radiograph_item_tfms(size, clahe=clahe, **preprocess),
+        batch_tfms=batch_tfms,
+    )
+    kwargs = dict(bs=bs, num_workers=num_workers, device=device)
+    if balance == "oversample":
+        # Each class drawn equally often: weight = 1 / class frequency, over the whole item list (fastai picks train's).
+        freq = items.label.map(items[items.split == "train"].label.value_counts())
+        dls = block.weighted_dataloaders(items, wgts=(1.0 / freq).to_numpy(), **kwargs)
+    else:
+        dls = block.dataloaders(items, **kwargs)
+    test = df[df.split == "test"]
+    if len(test):
+        unknown = sorted(set(test.label) - set(classes))
+        if unknown:
+            raise DataError(f"test class(es) {unknown} never occur in train; the model cannot predict them")
+        dls.loaders.append(dls.test_dl(test.reset_index(drop=True), with_labels=True))
+    dls.balance = balance
+    dls.empty_valid_classes = empty_valid
+    return dls
+
+
+def save_batch(dls, path, max_n: int = 9, split: int = 0) -> Path:
+    "Save `show_batch` of the train (0) or valid (1) DataLoader as a PNG; works without a display."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dls[split].show_batch(max_n=max_n, figsize=(9, 9))
+    path = Path(path)
+    plt.gcf().savefig(path, bbox_inches="tight")
+    plt.close("all")
+    return path

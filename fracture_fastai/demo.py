@@ -1,0 +1,106 @@
+"""The built-in demo dataset: synthetic radiograph-like images of six body regions, written as a YOLO export.
+
+It lets every command run anywhere, offline, in minutes. It is synthetic: results on it say
+nothing about real radiographs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["DEMO_REGIONS", "demo_dir", "make_demo"]
+
+DEMO_REGIONS = ("elbow", "fingers", "forearm", "humerus", "shoulder", "wrist")
+_DEMO_VERSION = 1
+
+
+def demo_dir() -> Path:
+    "Where the demo dataset is cached: $FRACTURE_FASTAI_HOME/demo-v1, else ~/.cache/fracture_fastai/demo-v1."
+    home = Path(os.environ.get("FRACTURE_FASTAI_HOME", Path.home() / ".cache" / "fracture_fastai"))
+    return home / f"demo-v{_DEMO_VERSION}"
+
+
+def _bone(canvas, p0, p1, width, intensity):
+    "A long bone: a thick bright line with brighter cortical edges."
+    cv2.line(canvas, p0, p1, intensity * 0.8, width, cv2.LINE_AA)
+    cv2.line(canvas, p0, p1, intensity, max(1, width // 4), cv2.LINE_AA)
+    cv2.circle(canvas, p0, int(width * 0.7), intensity * 0.9, -1, cv2.LINE_AA)
+    cv2.circle(canvas, p1, int(width * 0.7), intensity * 0.9, -1, cv2.LINE_AA)
+
+
+def _region_bones(region: str, rng, s: int) -> list:
+    "Bones (p0, p1, width) in a `s`-pixel frame that make each region recognisable by shape."
+    c = s / 2
+    j = lambda: rng.uniform(-0.04, 0.04) * s  # noqa: E731 - small jitter
+    if region == "forearm":  # two long parallel bones
+        return [((c - 0.1 * s + j(), 0.05 * s), (c - 0.1 * s + j(), 0.95 * s), 0.07 * s),
+                ((c + 0.1 * s + j(), 0.05 * s), (c + 0.1 * s + j(), 0.95 * s), 0.06 * s)]
+    if region == "humerus":  # one thick long bone
+        return [((c + j(), 0.05 * s), (c + j(), 0.95 * s), 0.13 * s)]
+    if region == "fingers":  # four thin short bones side by side
+        return [((c + dx * s + j(), 0.15 * s), (c + dx * s + j(), 0.8 * s), 0.045 * s) for dx in (-0.27, -0.09, 0.09, 0.27)]
+    if region == "elbow":  # two bones meeting at an angle
+        return [((c + j(), 0.05 * s), (c, c), 0.1 * s), ((c, c), (0.9 * s + j(), 0.85 * s), 0.08 * s)]
+    if region == "shoulder":  # a round head on a short shaft
+        return [((c + j(), c), (c + j(), 0.97 * s), 0.11 * s), ((c, 0.35 * s), (c, 0.35 * s), 0.3 * s)]
+    if region == "wrist":  # two bones ending in a cluster of carpals
+        bones = [((c - 0.1 * s, 0.55 * s), (c - 0.1 * s, 0.98 * s), 0.07 * s), ((c + 0.1 * s, 0.55 * s), (c + 0.1 * s, 0.98 * s), 0.06 * s)]
+        return bones + [((c + dx * s, 0.4 * s + dy * s), (c + dx * s, 0.4 * s + dy * s), 0.08 * s)
+                        for dx, dy in ((-0.15, 0), (0, -0.05), (0.15, 0), (-0.07, 0.1), (0.08, 0.1))]
+    raise ValueError(f"unknown demo region {region!r}; allowed: {', '.join(DEMO_REGIONS)}")
+
+
+def _radiograph(region: str, rng, size: int):
+    "One synthetic radiograph and its fracture polygon (normalised xy pairs)."
+    s = size
+    img = np.zeros((s, s), np.float32)
+    cv2.ellipse(img, (s // 2, s // 2), (int(s * 0.42), int(s * 0.6)), 0, 0, 360, 60, -1, cv2.LINE_AA)  # soft tissue
+    bones = _region_bones(region, rng, s)
+    for (x0, y0), (x1, y1), w in bones:
+        _bone(img, (int(x0), int(y0)), (int(x1), int(y1)), max(2, int(w)), float(rng.uniform(170, 230)))
+    # A fracture: a dark gap across the first bone, somewhere along its shaft.
+    (x0, y0), (x1, y1), w = bones[0]
+    t = rng.uniform(0.3, 0.7)
+    fx, fy = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+    half = max(w, 0.05 * s) * 0.9
+    angle = rng.uniform(-0.5, 0.5)
+    dx, dy = half * np.cos(angle), half * np.sin(angle)
+    cv2.line(img, (int(fx - dx), int(fy - dy)), (int(fx + dx), int(fy + dy)), 40, max(1, s // 64), cv2.LINE_AA)
+    pad = 0.03 * s
+    box = [(fx - abs(dx) - pad, fy - abs(dy) - pad), (fx + abs(dx) + pad, fy - abs(dy) - pad),
+           (fx + abs(dx) + pad, fy + abs(dy) + pad), (fx - abs(dx) - pad, fy + abs(dy) + pad)]
+    # Pose: random rotation, scale and shift, applied to image and polygon alike.
+    m = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-25, 25), rng.uniform(0.85, 1.1))
+    m[:, 2] += rng.uniform(-0.06, 0.06, 2) * s
+    img = cv2.warpAffine(img, m, (s, s), borderValue=0)
+    poly = cv2.transform(np.array([box], np.float32), m)[0] / s
+    img = cv2.GaussianBlur(img, (0, 0), s / 160) + rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), np.clip(poly, 0, 1)
+
+
+def make_demo(dest=None, n_train: int = 40, n_valid: int = 10, n_test: int = 10, size: int = 160, seed: int = 0) -> Path:
+    "Write (once) the demo YOLO export of six regions to `dest` (default `demo_dir()`) and return its folder."
+    dest = Path(dest) if dest is not None else demo_dir()
+    if (dest / "data.yaml").exists():
+        return dest
+    rng = np.random.default_rng(seed)
+    tmp = dest.with_name(dest.name + ".partial")
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        (tmp / split / "images").mkdir(parents=True, exist_ok=True)
+        (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
+        for cls, region in enumerate(DEMO_REGIONS):
+            for i in range(n):
+                img, poly = _radiograph(region, rng, size)
+                stem = f"{region}_{split}_{i:03d}"
+                cv2.imwrite(str(tmp / split / "images" / f"{stem}.png"), img)
+                coords = " ".join(f"{v:.5f}" for v in poly.reshape(-1))
+                (tmp / split / "labels" / f"{stem}.txt").write_text(f"{cls} {coords}\n")
+    names = ", ".join(f"'{r} fracture'" for r in DEMO_REGIONS)
+    (tmp / "data.yaml").write_text(
+        "# fracture_fastai demo: SYNTHETIC radiograph-like images, not real data\n"
+        f"train: train/images\nval: valid/images\ntest: test/images\nnc: {len(DEMO_REGIONS)}\nnames: [{names}]\n")
+    tmp.rename(dest)  # appears whole or not at all, so an interrupted run never leaves half a dataset
+    return dest

@@ -1,0 +1,27 @@
+"Shared fixtures: the real shared dataset (skipped where absent), tiny synthetic datasets, an offline environment."
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub, and plots never need a display.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+YOLO_EXPORT = SHARED_DATA / "bone-fracture-yolo8"
+
+
+@pytest.fixture(scope="session")
+def yolo_export() -> Path:
+    "The seed's real Kaggle export, read in place."
+    if not (YOLO_EXPORT / "data.yaml").exists():
+        pytest.skip(f"real data absent: {YOLO_EXPORT} not found (it sits beside the project root as ../shared/data)")
+    return YOLO_EXPORT
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory) -> Path:
+    "A small synthetic YOLO export made by the package's demo generator."
+    from fracture_fastai.demo import make_demo
+    return make_demo(tmp_path_factory.mktemp("demo") / "demo", n_train=6, n_valid=2, n_test=2, size=64)

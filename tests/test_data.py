@@ -1,0 +1,180 @@
+"Data sources -> table -> DataLoaders, on synthetic folders and on the real shared export."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fracture_fastai.data import (DataError, grouped_split, group_of, load_table, read_csv, read_yolo,
+                                  region_of, sample_per_class)
+
+REAL_TRAIN = {"elbow": 306, "fingers": 433, "forearm": 283, "humerus": 299, "shoulder": 315, "wrist": 168}
+REAL_VALID = {"elbow": 28, "fingers": 41, "forearm": 37, "humerus": 31, "shoulder": 19, "wrist": 17}
+
+
+def _png(path: Path, value: int = 128, size=(24, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name,region", [("elbow positive", "elbow"), ("humerus fracture", "humerus"), ("humerus", "humerus"),
+                                         ("Wrist_Positive", "wrist"), ("forearm fracture", "forearm")])
+def test_region_of(name, region):
+    assert region_of(name) == region
+
+
+def test_region_of_rejects_finding_only():
+    with pytest.raises(DataError, match="names no body region"):
+        region_of("fracture positive")
+
+
+def test_group_of_roboflow_copies():
+    assert group_of("a/distal-humeral-fractures-2-_JPEG.rf.39ba3f53.jpg") == "distal-humeral-fractures-2-_JPEG"
+    assert group_of("x/plain_image.png") == "plain_image"
+
+
+def _mini_yolo(root: Path, names, path_entry="/somewhere/that/does/not/exist"):
+    (root / "data.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "data.yaml").write_text(f"path: {path_entry}\ntrain: train/images\nval: valid/images\ntest: test/images\n"
+                                    f"nc: {len(names)}\nnames: {names!r}\n")
+    labels = {
+        ("train", "a.rf.1"): "0 0.1 0.1 0.2 0.1 0.2 0.2",  # polygon
+        ("train", "a.rf.2"): "0 0.5 0.5 0.2 0.2",  # box
+        ("train", "b.rf.1"): "1 0.1 0.1 0.2 0.1 0.2 0.2\n2 0.5 0.5 0.1 0.1",  # classes 1 and 2: both humerus
+        ("train", "c"): "",  # unlabelled
+        ("train", "d"): "0 0.5 0.5 0.2 0.2\n3 0.5 0.5 0.2 0.2",  # two regions
+        ("valid", "e"): "3 0.5 0.5 0.2 0.2",
+    }
+    for (split, stem), text in labels.items():
+        _png(root / split / "images" / f"{stem}.jpg")
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels" / f"{stem}.txt").write_text(text)
+    return root
+
+
+def test_read_yolo_synthetic(tmp_path):
+    root = _mini_yolo(tmp_path / "exp", ["elbow positive", "humerus fracture", "humerus", "wrist positive"])
+    table = read_yolo(root)
+    assert table.counts() == {"train": {"elbow": 2, "humerus": 1}, "valid": {"wrist": 1}}
+    assert table.skipped == {"unlabelled": 1, "several regions": 1}
+    assert any("test" in n for n in table.notes)  # named in data.yaml, missing on disk: reported, not fatal
+    box = table.df.set_index("group").loc["a"].iloc[1]
+    assert box.polygons == [[[0.4, 0.4], [0.6, 0.4], [0.6, 0.6], [0.4, 0.6]]]
+    assert len(table.df.set_index("file").loc[str(root / "train/images/b.rf.1.jpg")].polygons) == 2
+
+
+def test_yolo_without_val_gets_a_grouped_split(tmp_path):
+    root = tmp_path / "exp"
+    (root).mkdir()
+    (root / "data.yaml").write_text("train: train/images\nnames: ['elbow positive', 'wrist positive']\n")
+    for i in range(10):
+        for copy in range(3):
+            for cls in (0, 1):
+                stem = f"r{cls}_{i}.rf.{copy}"
+                _png(root / "train/images" / f"{stem}.jpg")
+                (root / "train/labels").mkdir(parents=True, exist_ok=True)
+                (root / "train/labels" / f"{stem}.txt").write_text(f"{cls} 0.5 0.5 0.1 0.1")
+    table = load_table(root, valid_pct=0.2, seed=1)
+    _assert_grouped(table.df)
+    assert table.counts()["valid"] == {"elbow": 6, "wrist": 6}  # 2 of 10 radiographs per class, 3 copies each
+
+
+def _assert_grouped(df):
+    train, valid = set(df[df.split == "train"].group), set(df[df.split == "valid"].group)
+    assert train and valid and not train & valid
+
+
+def test_folder_tree_with_splits(tmp_path):
+    for split, n in (("train", 3), ("valid", 2), ("test", 1)):
+        for cls in ("elbow", "wrist"):
+            for i in range(n):
+                _png(tmp_path / split / cls / f"{cls}{i}.png")
+    (tmp_path / "train" / "elbow" / "notes.txt").write_text("not an image")
+    table = load_table(tmp_path)
+    assert table.source == "folders"
+    assert table.counts() == {"train": {"elbow": 3, "wrist": 3}, "valid": {"elbow": 2, "wrist": 2},
+                              "test": {"elbow": 1, "wrist": 1}}
+    assert table.skipped == {"not an image": 1}
+
+
+def test_flat_folder_tree_split_by_group(tmp_path):
+    for cls in ("elbow", "wrist"):
+        for i in range(10):
+            for copy in range(2):
+                _png(tmp_path / cls / f"{cls}{i}.rf.{copy}.jpg")
+    table = load_table(tmp_path, valid_pct=0.3, seed=3)
+    _assert_grouped(table.df)
+    assert table.counts()["valid"] == {"elbow": 6, "wrist": 6}
+    assert table.df.equals(load_table(tmp_path, valid_pct=0.3, seed=3).df)  # seeded
+
+
+def test_csv_source(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "img" / f"e{i}.png"); _png(tmp_path / "img" / f"w{i}.png")
+    rows = [(f"img/e{i}.png", "elbow", "train" if i < 3 else "valid") for i in range(4)]
+    rows += [(f"img/w{i}.png", "wrist", "train" if i < 3 else "val") for i in range(4)]
+    rows += [("img/missing.png", "wrist", "train")]
+    pd.DataFrame(rows, columns=["file", "label", "split"]).to_csv(tmp_path / "data.csv", index=False)
+    table = read_csv(tmp_path / "data.csv")
+    assert table.counts() == {"train": {"elbow": 3, "wrist": 3}, "valid": {"elbow": 1, "wrist": 1}}
+    assert table.skipped == {"missing file": 1}
+    pd.DataFrame({"file": ["img/e0.png"], "klass": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match="lacks column"):
+        read_csv(tmp_path / "bad.csv")
+
+
+def test_grouped_split_never_splits_a_group():
+    df = pd.DataFrame({"file": [f"f{i}" for i in range(60)], "label": ["a", "b"] * 30,
+                       "group": [f"g{i // 3}" for i in range(60)], "split": "train"})
+    for seed in range(5):
+        _assert_grouped(grouped_split(df, 0.25, seed))
+
+
+def test_sample_per_class_keeps_at_most_n():
+    df = pd.DataFrame({"file": [f"f{i}" for i in range(40)], "label": ["a", "b"] * 20,
+                       "group": [f"g{i}" for i in range(40)], "split": ["train"] * 30 + ["valid"] * 10})
+    out = sample_per_class(df, 4)
+    assert out.groupby(["split", "label"]).size().max() <= 4 and len(out) == 4 + 4 + 4 + 4
+
+
+def _non_images(path):
+    (path / "cls").mkdir()
+    (path / "cls" / "a.txt").write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("make,message", [(lambda p: p / "missing", "does not exist"), (lambda p: p, "is empty"),
+                                          (_non_images, "no images found")])
+def test_dataset_cli_bad_input_exits_2(tmp_path, make, message):
+    path = make(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.dataset", str(path)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+# --- the real shared export -------------------------------------------------------------------------------------------
+
+def test_real_export_counts(yolo_export):
+    table = read_yolo(yolo_export)
+    assert table.counts() == {"train": REAL_TRAIN, "valid": REAL_VALID}
+    assert table.skipped == {"unlabelled": 1827 + 175}
+    assert all(len(p) >= 1 for p in table.df.polygons)  # every labelled image carries its fracture polygon
+
+
+def test_real_export_cli_json(yolo_export):
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.dataset", str(yolo_export), "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout) == {"splits": {"train": REAL_TRAIN, "valid": REAL_VALID}, "skipped": {"unlabelled": 2002}}
+
+
+def test_real_export_carved_split_is_grouped(yolo_export):
+    df = read_yolo(yolo_export).df
+    train = df[df.split == "train"].copy()
+    carved = grouped_split(train, 0.2, seed=42)
+    _assert_grouped(carved)
+    assert 0.1 < (carved.split == "valid").mean() < 0.3  # roughly the asked share, in images
