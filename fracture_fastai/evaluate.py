@@ -1,0 +1,245 @@
+"""Metrics with confidence intervals, interpretation plots and test-set evaluation of a trained Learner.
+
+Everything returned is plain JSON-serialisable Python, so a run folder can store it as is.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from statistics import NormalDist
+
+import matplotlib
+import numpy as np
+
+from .errors import UserError
+
+# Plots go to files, never to a screen; a Jupyter kernel keeps its own (inline) backend.
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["accuracy_ci", "classification_metrics", "evaluate_learner", "interpretation", "plot_confusion_matrix",
+           "plot_top_losses", "interpretation_plots", "plot_curves", "write_json"]
+
+
+def accuracy_ci(
+    n_correct: int,  # correctly classified images
+    n: int,  # images scored
+    level: float = 0.95,  # confidence level of the interval
+) -> tuple:
+    "Wilson score interval `(low, high)` of the accuracy `n_correct / n`; `(0.0, 1.0)` when `n == 0`."
+    # Wilson rather than the normal approximation p ± z·sqrt(p(1-p)/n): on small test sets (the seed's 83 images)
+    # and accuracies near 1 the normal interval spills past [0, 1] and collapses to a point at p = 0 or 1;
+    # Wilson stays inside [0, 1], keeps a sensible width there, and has closed-form values to test against.
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1; got {level}")
+    if n < 0 or not 0 <= n_correct <= max(n, 0):
+        raise ValueError(f"need 0 <= n_correct <= n; got n_correct={n_correct}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, z2 = n_correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # Clip the rounding error at the ends: 0/n has low exactly 0, n/n has high exactly 1.
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _as_int_array(x, name: str) -> np.ndarray:
+    "`x` (list, numpy array or torch tensor) as a flat int64 numpy array."
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x).reshape(-1)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold class indices (ints); got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    "num / den with 0 where den == 0 (a class never predicted has precision 0, never present has recall 0)."
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def classification_metrics(
+    targets,  # actual class indices (list, numpy array or torch tensor)
+    preds,  # predicted class indices, same length
+    classes,  # class names in index order (e.g. `learn.dls.vocab`)
+) -> dict:
+    "Accuracy with its Wilson 95% interval, macro F1, per-class precision/recall/F1 and the confusion matrix."
+    classes = [str(c) for c in classes]
+    t, p = _as_int_array(targets, "targets"), _as_int_array(preds, "preds")
+    if len(t) != len(p):
+        raise ValueError(f"targets and preds differ in length: {len(t)} != {len(p)}")
+    if len(t) == 0:
+        raise ValueError("no samples to score: targets and preds are empty")
+    k = len(classes)
+    for name, a in (("targets", t), ("preds", p)):
+        if a.min() < 0 or a.max() >= k:
+            raise ValueError(f"{name} hold class indices outside 0..{k - 1} for {k} classes")
+    cm = np.zeros((k, k), dtype=np.int64)  # rows = actual, cols = predicted
+    np.add.at(cm, (t, p), 1)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    # Macro F1 over the classes that occur in targets or preds (sklearn's default): a class absent from both
+    # has no defined F1 and would only drag the mean to 0.
+    seen = (support + predicted) > 0
+    n_correct = int(tp.sum())
+    return {
+        "n": int(len(t)),
+        "accuracy": n_correct / len(t),
+        "accuracy_ci95": list(accuracy_ci(n_correct, len(t))),
+        "macro_f1": float(f1[seen].mean()),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": cm.tolist(),
+        "classes": classes,
+    }
+
+
+def _labelled_dl(learn, dl=None):
+    "`dl`, or the validation DataLoader of `learn`, checked to hold labelled items."
+    dl = learn.dls.valid if dl is None else dl
+    if len(dl.dataset) == 0:
+        raise UserError("no images to evaluate: the DataLoader is empty (is there a validation or test split?)")
+    tls = getattr(dl.dataset, "tls", None)  # a fastai Datasets: inputs first, then targets
+    if tls is not None and len(tls) <= dl.dataset.n_inp:
+        raise UserError("the DataLoader has no labels; make it with learn.dls.test_dl(items, with_labels=True)")
+    return dl
+
+
+def evaluate_learner(
+    learn,  # a trained fastai Learner for single-label classification
+    dl=None,  # a labelled DataLoader (e.g. `learn.dls.test_dl(items, with_labels=True)`); None: the validation set
+    tta: bool = False,  # average predictions over test-time augmentation (`learn.tta`)
+) -> tuple:
+    "`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta`, and the class probabilities."
+    dl = _labelled_dl(learn, dl)
+    loss = None
+    if tta:
+        # learn.tta averages probabilities, not logits; the loss function's value on them is not defined.
+        probs, targets = learn.tta(dl=dl)
+    else:
+        probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
+        loss = float(losses.mean())
+    metrics = classification_metrics(targets, probs.argmax(dim=1), learn.dls.vocab)
+    metrics.update(loss=loss, tta=bool(tta))
+    return metrics, probs, targets
+
+
+def interpretation(
+    learn,  # a trained fastai Learner for classification
+    dl=None,  # a labelled DataLoader; None: the validation set
+):
+    "fastai's `ClassificationInterpretation` of `learn` on `dl`: the losses are computed once, here."
+    from fastai.interpret import ClassificationInterpretation
+    dl = _labelled_dl(learn, dl)
+    if dl is learn.dls.valid:
+        dl = None  # fastai then makes an unshuffled copy of the validation set itself
+    return ClassificationInterpretation.from_learner(learn, dl=dl)
+
+
+def _save(path) -> Path:
+    "Save pyplot's current figure to `path` (a PNG), tightly cropped, and close it."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plt.gcf()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _save_confusion(interp, path) -> Path:
+    "Confusion matrix (rows actual, columns predicted) of `interp` as a PNG."
+    n = len(interp.vocab)
+    # fastai's plot functions draw on pyplot's current figure and return nothing.
+    interp.plot_confusion_matrix(figsize=(max(4, n), max(4, n)), dpi=100)
+    return _save(path)
+
+
+def _save_top_losses(interp, path, k: int = 9) -> Path:
+    "The `k` images with the largest loss (titled prediction/actual/loss/probability) as a PNG."
+    interp.plot_top_losses(min(k, len(interp.losses)))
+    return _save(path)
+
+
+def plot_confusion_matrix(
+    learn,  # a trained fastai Learner for classification
+    path,  # PNG to write
+    dl=None,  # a labelled DataLoader; None: the validation set
+) -> Path:
+    "Save fastai's confusion matrix of `learn` on `dl` to `path`."
+    return _save_confusion(interpretation(learn, dl), path)
+
+
+def plot_top_losses(
+    learn,  # a trained fastai Learner for classification
+    path,  # PNG to write
+    k: int = 9,  # images to show
+    dl=None,  # a labelled DataLoader; None: the validation set
+) -> Path:
+    "Save fastai's top-losses grid of `learn` on `dl` to `path`."
+    return _save_top_losses(interpretation(learn, dl), path, k)
+
+
+def interpretation_plots(
+    learn,  # a trained fastai Learner for classification
+    out_dir,  # folder for confusion_matrix.png and top_losses.png
+    dl=None,  # a labelled DataLoader; None: the validation set
+    k: int = 9,  # images in the top-losses grid
+    prefix: str = "",  # put before each file name, e.g. 'test_'
+) -> list:
+    "Write the confusion matrix and the top losses of `learn` on `dl` from one interpretation; their paths."
+    interp = interpretation(learn, dl)
+    out_dir = Path(out_dir)
+    return [_save_confusion(interp, out_dir / f"{prefix}confusion_matrix.png"),
+            _save_top_losses(interp, out_dir / f"{prefix}top_losses.png", k)]
+
+
+def plot_curves(
+    history,  # pandas DataFrame with columns epoch, train_loss, valid_loss[, accuracy]
+    path,  # PNG to write
+) -> Path:
+    "Loss (train and valid) per epoch and, when `history` has it, accuracy per epoch, side by side."
+    import pandas as pd
+    missing = {"epoch", "train_loss", "valid_loss"} - set(history.columns)
+    if missing:
+        raise ValueError(f"history lacks column(s) {sorted(missing)}; expected epoch, train_loss, valid_loss[, accuracy]")
+    # Recorder values may come back as strings or None (no validation set); plot what is a number.
+    h = history.apply(pd.to_numeric, errors="coerce")
+    with_acc = "accuracy" in h.columns and h.accuracy.notna().any()
+    fig, axs = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 5, 4), squeeze=False)
+    ax = axs[0, 0]
+    for col, label in (("train_loss", "train"), ("valid_loss", "valid")):
+        ax.plot(h.epoch, h[col], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax.legend()
+    if with_acc:
+        ax = axs[0, 1]
+        ax.plot(h.epoch, h.accuracy, marker="o", color="tab:green")
+        ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1.02))
+    for ax in axs.flat:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    return _save(path)
+
+
+def write_json(
+    obj,  # JSON-serialisable object (numpy scalars and Paths are converted)
+    path,  # file to write
+) -> Path:
+    "Write `obj` as indented JSON; numpy numbers and Paths become plain numbers and strings."
+    def _plain(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_plain) + "\n", encoding="utf-8")
+    return path

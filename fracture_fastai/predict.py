@@ -1,0 +1,182 @@
+"""`python -m fracture_fastai.predict EXPORT.pkl PATH...`: class and probability of each image from an exported Learner.
+
+Unreadable images are reported and skipped; the others are still predicted, in batches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from .data import IMAGE_EXTS
+from .errors import UserError, cli_errors
+
+__all__ = ["load_export", "find_images", "predict_files", "main"]
+
+# Package modules whose classes (RadiographImage, RadiographPreprocess, model builders) export.pkl may reference.
+_PICKLED_MODULES = ("fracture_fastai.transforms", "fracture_fastai.models")
+_MAKE_EXPORT = "make one with python -m fracture_fastai.run"
+
+
+def _import_pickled_modules():
+    "Import the package modules that an export may reference, so unpickling finds their classes."
+    for name in _PICKLED_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but one of its own imports is missing: a real problem
+                raise
+
+
+def load_export(
+    path,  # an export.pkl written by `Learner.export`
+):
+    "The exported Learner at `path`, on the CPU; a `UserError` when it is missing or not an export."
+    from fastai.learner import Learner, load_learner
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cannot load {path}: no such file ({_MAKE_EXPORT})")
+    _import_pickled_modules()
+    try:
+        with warnings.catch_warnings():
+            # fastai warns on every load that pickle runs code; exports come from the user's own runs.
+            warnings.filterwarnings("ignore", message=".*load_learner.*insecure pickle")
+            learn = load_learner(path, cpu=True)
+    except AttributeError as e:
+        # pickle names a class or function that the installed package no longer (or not yet) has
+        raise UserError(f"cannot load {path}: it needs {str(e).splitlines()[-1].strip()} "
+                        "that this fracture_fastai lacks; predict with the version that made it") from None
+    except Exception:
+        raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})") from None
+    if not isinstance(learn, Learner):
+        raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})")
+    return learn
+
+
+def find_images(
+    paths,  # image files and folders (searched recursively)
+) -> tuple:
+    "`(files, missing)`: the images named or found under `paths`, in order and without repeats, and the paths that don't exist."
+    files, missing = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            files.append(p)  # named explicitly: tried whatever its extension
+        else:
+            missing.append(p)
+    return list(dict.fromkeys(files)), missing
+
+
+def _probs(learn, files, bs: int, tta: bool = False):
+    "Class probabilities of `files` (str paths), one batched pass."
+    dl = learn.dls.test_dl(files, bs=bs)
+    with learn.no_bar():  # a console progress bar would land in the stdout table
+        probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
+    return probs
+
+
+def _readable(learn, files) -> tuple:
+    "`(good, bad)`: the files that the export's item pipeline (reading + item transforms) loads, and those it doesn't."
+    dl = learn.dls.test_dl(files)
+    good, bad = [], []
+    for i, f in enumerate(files):
+        try:
+            dl.do_item(i)
+            good.append(f)
+        except Exception:
+            bad.append(f)
+    return good, bad
+
+
+def predict_files(
+    learn,  # a Learner (e.g. from `load_export`) for single-label classification
+    files,  # image paths
+    bs: int = 16,  # batch size
+    tta: bool = False,  # average predictions over test-time augmentation
+    chunk: int = 256,  # images per batched pass; a pass that hits a bad image is redone without it
+) -> tuple:
+    "`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped."
+    import torch
+    classes = [str(c) for c in learn.dls.vocab]
+    files = [str(f) for f in files]  # str matches both folder- and table-built pipelines
+    done, probs, failures = [], [], []
+    for start in range(0, len(files), chunk):
+        part = files[start:start + chunk]
+        try:
+            p = _probs(learn, part, bs, tta)
+        except Exception:
+            # Reading each image once more only when a pass fails keeps the usual case to one read per image.
+            part, bad = _readable(learn, part)
+            if not bad:
+                raise  # every image reads: the failure is not the data's
+            failures += [(f, "cannot read image") for f in bad]
+            if not part:
+                continue
+            p = _probs(learn, part, bs, tta)
+        done += part
+        probs.append(p)
+    probs = torch.cat(probs).float() if probs else torch.zeros(0, len(classes))
+    best = probs.argmax(dim=1)
+    table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
+                          "probability": probs.max(dim=1).values.numpy() if len(done) else []})
+    for i, c in enumerate(classes):
+        table[c] = probs[:, i].numpy()
+    return table, failures
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fracture_fastai.predict",
+        description="Predict the class of radiographs with an exported fastai Learner (export.pkl from "
+                    "python -m fracture_fastai.run). Prints file<TAB>class<TAB>probability per image, or writes a CSV.",
+        epilog="Exit code: 0 all images predicted, 1 some could not be read or found, 2 usage error. "
+               "export.pkl is a pickle: load only exports you trust.")
+    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
+    p.add_argument("--csv", metavar="FILE", help="write file,class,probability,<one column per class> to FILE instead of printing")
+    p.add_argument("--tta", action="store_true", help="average over test-time augmentation (slower, often a little better)")
+    p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
+    return p
+
+
+@cli_errors
+def main(argv=None) -> int:
+    "Command line: predict, print or write the table, report failures; returns the exit code."
+    args = _parser().parse_args(argv)
+    if args.bs < 1:
+        raise UserError(f"--bs must be at least 1; got {args.bs}")
+    files, missing = find_images(args.paths)
+    for p in missing:
+        print(f"skipped {p}: no such file or folder", file=sys.stderr)
+    if not files:
+        raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
+    csv = Path(args.csv) if args.csv else None
+    if csv is not None and csv.is_dir():
+        raise UserError(f"--csv {csv} is a folder; give a file name such as {csv / 'predictions.csv'}")
+    learn = load_export(args.export)
+    table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
+    for f, reason in failures:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv, index=False, float_format="%.6f")
+        print(csv)
+    else:
+        for row in table.itertuples(index=False):
+            print(f"{row[0]}\t{row[1]}\t{row[2]:.4f}")
+    n_failed = len(failures) + len(missing)
+    if n_failed:
+        print(f"{n_failed} of {len(files) + len(missing)} path(s) failed; {len(table)} image(s) predicted",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
