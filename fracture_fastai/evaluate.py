@@ -42,8 +42,10 @@ def accuracy_ci(
     p, z2 = n_correct / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # Clip the rounding error at the ends: 0/n has low exactly 0, n/n has high exactly 1.
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # Analytically 0/n has low exactly 0 and n/n high exactly 1; set them so rounding leaves no 3e-18.
+    low = 0.0 if n_correct == 0 else max(0.0, centre - half)
+    high = 1.0 if n_correct == n else min(1.0, centre + half)
+    return float(low), float(high)
 
 
 def _as_int_array(x, name: str) -> np.ndarray:

@@ -178,3 +178,43 @@ def test_real_export_carved_split_is_grouped(yolo_export):
     carved = grouped_split(train, 0.2, seed=42)
     _assert_grouped(carved)
     assert 0.1 < (carved.split == "valid").mean() < 0.3  # roughly the asked share, in images
+
+
+# --- DataLoaders ------------------------------------------------------------------------------------------------------
+
+def test_demo_dataloaders_have_a_labelled_test_set(demo_export, tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders, save_batch
+    table = load_table(demo_export)
+    dls = radiograph_dataloaders(table, size=48, bs=4, device="cpu")
+    assert list(dls.vocab) == ["elbow", "fingers", "forearm", "humerus", "shoulder", "wrist"]
+    assert len(dls.loaders) == 3 and len(dls[2].dataset) == 12  # the demo's test split, with labels
+    x, y = dls[2].one_batch()
+    assert x.shape == (4, 3, 48, 48) and y.shape == (4,)
+    png = save_batch(dls, tmp_path / "batch.png", max_n=4)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_balance_options(demo_export):
+    import torch
+    from fracture_fastai.data import class_weights, radiograph_dataloaders
+    table = load_table(demo_export)
+    table.df = table.df[~((table.df.label == "wrist") & (table.df.split == "train") & (table.df.file.str.contains("00[1-5]")))]
+    dls = radiograph_dataloaders(table, size=32, bs=2, balance="weights", device="cpu")
+    w = class_weights(dls)
+    assert w.shape == (6,) and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert w[list(dls.vocab).index("wrist")] == w.max()  # the rarest class weighs most: 1 wrist vs 6 of the others
+    over = radiograph_dataloaders(table, size=32, bs=2, balance="oversample", device="cpu")
+    assert type(over.train).__name__ == "WeightedDL"
+    with pytest.raises(DataError, match="balance must be one of"):
+        radiograph_dataloaders(table, balance="smote")
+
+
+def test_real_data_one_batch_at_64px(yolo_export):
+    from fracture_fastai.data import radiograph_dataloaders
+    table = read_yolo(yolo_export)
+    table.df = sample_per_class(table.df, 3, seed=0)
+    dls = radiograph_dataloaders(table, size=64, bs=8, device="cpu")
+    assert list(dls.vocab) == sorted(REAL_TRAIN)
+    x, y = dls.train.one_batch()
+    assert x.shape == (8, 3, 64, 64) and set(y.tolist()) <= set(range(6))
+    assert -3 < float(x.mean()) < 3  # ImageNet-normalised, not raw 0..255

