@@ -5,6 +5,7 @@ Everything returned is plain JSON-serialisable Python, so a run folder can store
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from statistics import NormalDist
@@ -122,7 +123,8 @@ def evaluate_learner(
     loss = None
     if tta:
         # learn.tta averages probabilities, not logits; the loss function's value on them is not defined.
-        probs, targets = learn.tta(dl=dl)
+        with learn.no_logging(), learn.no_bar():  # tta fires before_fit/after_fit: keep its stats out of the log
+            probs, targets = learn.tta(dl=dl)
     else:
         probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
         loss = float(losses.mean())
@@ -163,7 +165,10 @@ def _save_confusion(interp, path) -> Path:
 
 def _save_top_losses(interp, path, k: int = 9) -> Path:
     "The `k` images with the largest loss (titled prediction/actual/loss/probability) as a PNG."
-    interp.plot_top_losses(min(k, len(interp.losses)))
+    k = min(k, len(interp.losses))
+    rows = max(1, int(math.sqrt(k)))  # the grid fastai's get_grid makes; wider cells keep long titles apart
+    cols = math.ceil(k / rows)
+    interp.plot_top_losses(k, figsize=(3.6 * cols, 3.4 * rows))
     return _save(path)
 
 

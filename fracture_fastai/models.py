@@ -11,18 +11,18 @@ import os
 import re
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
+from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.data.transforms import get_c
 from fastai.learner import Learner
 from fastai.vision.core import imagenet_stats
-from fastai.vision.learner import model_meta, vision_learner
+from fastai.vision.learner import has_pool_type, model_meta, vision_learner
 import fastai.vision.models as fv_models
 
 from .errors import ArchError, UserError, WeightsError
@@ -55,7 +55,7 @@ def register_arch(name: str,  # the name users pass as --arch
                   model: object = None,  # builder; omit to use `register_arch` as a class/function decorator
                   packages: tuple = (),  # (module, class) pairs that ship the weights as a pip package
                   description: str = ""):
-    "Add an architecture to `ARCHS`; returns the spec, or a decorator when `model` is omitted (like timm's `register_model`)."
+    "Add an arch to `ARCHS` and return its spec; without `model`, a decorator (like timm's `register_model`)."
     if kind not in KINDS: raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if model is None:
         def _decorate(builder):
@@ -158,25 +158,29 @@ class WeightsInfo:
     note: str = ""  # one line for the user: what was used, or why nothing was and what to do about it
 
     @property
-    def found(self) -> bool: return self.path is not None
+    def pretrained(self) -> bool:
+        "Were weights found? (then `create_learner` loads them and freezes the body)"
+        return self.path is not None
 
     def state_dict(self) -> dict:
         "The file's tensors, wrappers removed, keys as the file has them (`create_learner` renames them to fit)."
-        if not self.found: raise WeightsError(f"no pretrained weights for {self.arch} ({self.source})")
+        if not self.pretrained: raise WeightsError(f"no pretrained weights for {self.arch} ({self.source})")
         return _read_state_dict(self.path)
 
     def __str__(self): return self.source
 
 
 def _read_state_dict(path) -> dict:
-    "Tensors of a .pth/.pt/.bin or .safetensors file; {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes removed."
+    "Tensors of a .pth/.pt/.bin/.safetensors file, without {'state_dict': ...}/{'model': ...} wrappers or 'module.'."
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path), device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            # fastai's `learn.save` also holds the optimizer state, which pickles fastcore's L: allow it as fastai does.
+            with torch.serialization.safe_globals([L]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                            " (expected a state_dict saved with torch.save, or .safetensors)") from None
@@ -196,12 +200,12 @@ def _offline_env() -> bool:
 
 @lru_cache(maxsize=None)
 def _reachable(host: str, timeout: float = 1.5) -> bool:
-    "Can we open a TCP connection to `host`:443 within `timeout` s? Run in a thread so a slow DNS lookup can't stall us."
+    "Does `host`:443 accept a connection within `timeout` s? In a thread, so a slow DNS lookup cannot stall us."
     ok = []
     def _probe():
         try:
             with socket.create_connection((host, 443), timeout=timeout): ok.append(True)
-        except OSError: pass
+        except Exception: pass  # any failure means: not reachable
     t = threading.Thread(target=_probe, daemon=True)
     t.start()
     t.join(timeout + 0.2)
@@ -305,7 +309,8 @@ def resolve_weights(arch: str,  # a registered arch name
         if not path.is_file(): raise WeightsError(f"weights file not found: {path}")
         return WeightsInfo(spec.name, f"file:{path.resolve()}", path, f"{spec.name}: weights from {path}")
     if mode == "none":
-        return WeightsInfo(spec.name, "none (pretrained=none)", note=f"{spec.name}: training from scratch (pretrained=none)")
+        return WeightsInfo(spec.name, "none (pretrained=none)",
+                           note=f"{spec.name}: training from scratch (pretrained=none)")
     info, why, detail = _local_weights(spec), "offline", ""
     if info is None and is_online("download.pytorch.org" if spec.kind == "torchvision" else "huggingface.co"):
         try: info = _download(spec)
@@ -351,13 +356,17 @@ def lite_to_timm(state_dict: dict,  # EfficientNet-PyTorch-style keys: '_blocks.
     return out
 
 
-_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _tv_to_body(state_dict: dict, spec: ArchSpec) -> dict:
     "torchvision names ('layer1.0.conv1.weight') -> fastai body indices ('4.0.conv1.weight'), as `create_body` cuts."
-    with torch.device("meta"): children = [n for n, _ in spec.model(weights=None).named_children()]
-    index = {name: str(i) for i, name in enumerate(children[:model_meta[spec.model]["cut"]])}
+    with torch.device("meta"): children = list(spec.model(weights=None).named_children())  # names only: no memory
+    cut = model_meta.get(spec.model, {}).get("cut")
+    if cut is None:  # as fastai's create_body: up to the last child that pools
+        cut = next(i for i, (_, m) in reversed(list(enumerate(children))) if has_pool_type(m))
+    index = {name: str(i) for i, (name, _) in enumerate(children[:cut])}
     out = {}
     for key, value in state_dict.items():
         key = _DENSENET_LEGACY.sub(r"\1\2", key)  # torchvision's own fix for old densenet checkpoints
@@ -376,7 +385,7 @@ def _namings(spec: ArchSpec, state_dict: dict, target_keys) -> list:
 
 
 def _fit_in_channels(weight: torch.Tensor, n_in: int) -> torch.Tensor:
-    "A pretrained 3-channel first conv on `n_in` channels, by fastai's rule (sum for 1, 1.5x the first 2, zeros beyond 3)."
+    "A pretrained 3-channel first conv on `n_in` channels, by fastai's rule: sum for 1, 1.5x first 2, zeros past 3."
     if n_in == 1: return weight.sum(1, keepdim=True)
     if n_in == 2: return weight[:, :2] * 1.5
     return torch.cat([weight, weight.new_zeros(weight.shape[0], n_in - 3, *weight.shape[2:])], 1)
@@ -391,12 +400,14 @@ def _fit(source: torch.Tensor, target: torch.Tensor):
 
 
 def _load_pretrained(module: nn.Module, spec: ArchSpec, info: WeightsInfo):
-    "Load `info`'s weights into `module` (the body); every body tensor must be found, extra ones (a classifier) are dropped."
+    "Load `info`'s weights into the body `module`: every body tensor must be found; extras (a classifier) are dropped."
     target = module.state_dict()
     file_sd = info.state_dict()
     best = None
     for named in _namings(spec, file_sd, list(target)):
-        fitted = {k: _fit(named[k], v) if k in named else None for k, v in target.items()}
+        # Old checkpoints (torchvision's densenet among them) predate BatchNorm's num_batches_tracked: keep ours.
+        fitted = {k: _fit(named[k], v) if k in named else v if k.endswith("num_batches_tracked") else None
+                  for k, v in target.items()}
         missing = [k for k, v in fitted.items() if v is None]
         if not missing:
             module.load_state_dict(fitted)
@@ -427,10 +438,11 @@ def create_learner(arch: str,  # a registered arch name (see `list_archs`)
         unknown = set(learner_kwargs) - _LEARNER_ARGS
         if unknown: raise TypeError(f"{spec.name} is a plain Learner; it does not take {', '.join(sorted(unknown))}")
         learn = Learner(dls, spec.model(n_out, **model_kwargs), **learner_kwargs)
+        learn.pretrained = False  # as vision_learner records it, so callers can ask any learner
     else:
         # pretrained=False: fastai must not download; normalize=False: the DataLoaders already normalise.
         learn = vision_learner(dls, spec.model, n_out=n_out, pretrained=False, normalize=False, **learner_kwargs)
-        if info.found:
+        if info.pretrained:
             _load_pretrained(learn.model[0].model if spec.kind == "timm" else learn.model[0], spec, info)
             learn.freeze()  # what vision_learner does with pretrained=True: train the head (and BN) first
             learn.pretrained = True

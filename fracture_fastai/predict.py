@@ -36,10 +36,10 @@ def load_export(
     path,  # an export.pkl written by `Learner.export`
 ):
     "The exported Learner at `path`, on the CPU; a `UserError` when it is missing or not an export."
-    from fastai.learner import Learner, load_learner
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():  # checked before importing fastai, which takes seconds
         raise UserError(f"cannot load {path}: no such file ({_MAKE_EXPORT})")
+    from fastai.learner import Learner, load_learner
     _import_pickled_modules()
     try:
         with warnings.catch_warnings():
@@ -123,7 +123,7 @@ def predict_files(
     probs = torch.cat(probs).float() if probs else torch.zeros(0, len(classes))
     best = probs.argmax(dim=1)
     table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
-                          "probability": probs.max(dim=1).values.numpy() if len(done) else []})
+                          "probability": probs.max(dim=1).values.numpy()})
     for i, c in enumerate(classes):
         table[c] = probs[:, i].numpy()
     return table, failures
@@ -149,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Command line: predict, print or write the table, report failures; returns the exit code."
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # torch warns on import that fastai's jit-scripted activations use a deprecated API: noise in a tool's stderr.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        return _predict_command(args)
+
+
+def _predict_command(args) -> int:
+    "Predict the images of parsed `args`, print or write the table, report failures; the exit code."
     if args.bs < 1:
         raise UserError(f"--bs must be at least 1; got {args.bs}")
     files, missing = find_images(args.paths)

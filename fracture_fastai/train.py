@@ -15,7 +15,8 @@ from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import F1Score, accuracy
 from fastai.optimizer import Adam
-from fastcore.basics import L
+from fastai.learner import noop  # fastai's own noop (not fastcore's), the one no_logging installs
+from fastcore.foundation import L
 from fastcore.meta import delegates
 
 from .data import class_weights
@@ -77,17 +78,22 @@ class HistoryCallback(Callback):
 
 
 class PlainProgressCallback(Callback):
-    "One plain line per epoch, for logs and pipes where progress bars would be noise."
+    "One plain line per epoch instead of progress bars, for logs and pipes; silent wherever fastai mutes logging."
     order = 65
 
     def before_fit(self):
-        self.learn.logger = lambda *a, **k: None  # the Recorder's raw lists are replaced by the line below
+        # lr_find and get_preds run under `no_logging`, which sets the logger to noop: leave those alone.
+        self._old_logger = self.learn.logger
+        if self.learn.logger is not noop:
+            self.learn.logger = self._write
 
-    def after_epoch(self):
-        rec = self.learn.recorder
-        parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
-                 for n, v in zip(rec.metric_names[1:-1], rec.log[1:]) if v is not None]
-        print(f"epoch {self.epoch + 1}/{self.n_epoch}: " + ", ".join(parts), flush=True)
+    def after_fit(self):
+        self.learn.logger = self._old_logger
+
+    def _write(self, log):
+        names = self.learn.recorder.metric_names
+        parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names[1:], log[1:])]
+        print(f"epoch {log[0] + 1}/{self.n_epoch}: " + ", ".join(parts), flush=True)
 
 
 def suggest_lr(learn, out_png=None, num_it: int = 50, lower: float = 1e-5, upper: float = 1e-2) -> float:
@@ -122,10 +128,10 @@ def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult
 
 
 def _callbacks(out_dir, monitor: str, patience: int, history: HistoryCallback):
-    comp = torch.less if monitor == "valid_loss" else torch.greater
-    cbs = [history, SaveModelCallback(monitor=monitor, comp=comp, fname="best", with_opt=False)]
+    # fastai picks the direction from the name: lower is better for a loss, higher for accuracy.
+    cbs = [history, SaveModelCallback(monitor=monitor, fname="best", with_opt=False)]
     if patience:
-        cbs.append(EarlyStoppingCallback(monitor=monitor, comp=comp, patience=patience))
+        cbs.append(EarlyStoppingCallback(monitor=monitor, patience=patience))
     return cbs
 
 

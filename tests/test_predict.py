@@ -122,13 +122,8 @@ def test_cli_user_errors_exit_2(export, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ")
-    assert "not a fastai export.pkl" in load_export_error(bad)
-
-
-def load_export_error(path):
-    with pytest.raises(UserError) as e:
-        load_export(path)
-    return str(e.value)
+    with pytest.raises(UserError, match="not a fastai export.pkl"):
+        load_export(bad)
 
 
 def test_predict_files_keeps_order_across_chunks(export):
