@@ -310,6 +310,7 @@ def radiograph_dataloaders(
     clahe: bool = True,  # CLAHE + median filter; False keeps only the grayscale conversion
     flip_vert: bool = False,  # add vertical flips to the augmentation
     augment: bool = True,  # fastai aug_transforms with radiograph defaults
+    stats: tuple | None = None,  # normalisation (mean, std), e.g. `models.arch_stats(arch)`; None: ImageNet's
     device=None,  # None: fastai's default (CUDA when available)
     **preprocess,  # clahe_clip, clahe_grid, median, denoise for RadiographPreprocess
 ):
@@ -330,7 +331,8 @@ def radiograph_dataloaders(
         missing = sorted(set(classes) - set(items[items.split == "train"].label))
         raise DataError(f"class(es) {missing} have no training images; add images or drop the class")
     set_seed(seed, reproducible=True)
-    batch_tfms = radiograph_aug_transforms(flip_vert=flip_vert) if augment else [Normalize.from_stats(*imagenet_stats)]
+    stats = stats or imagenet_stats
+    batch_tfms = radiograph_aug_transforms(flip_vert=flip_vert, stats=stats) if augment else [Normalize.from_stats(*stats)]
     block = DataBlock(
         blocks=(ImageBlock(cls=RadiographImage), CategoryBlock(vocab=classes)),
         get_x=ColReader("file"),
@@ -339,6 +341,8 @@ def radiograph_dataloaders(
         item_tfms=radiograph_item_tfms(size, clahe=clahe, **preprocess),
         batch_tfms=batch_tfms,
     )
+    # fastai drops the last partial training batch: a train set smaller than `bs` would give no batch at all.
+    bs = max(1, min(bs, int((items.split == "train").sum())))
     kwargs = dict(bs=bs, num_workers=num_workers, device=device)
     if balance == "oversample":
         # Each class drawn equally often: weight = 1 / class frequency, over the whole item list (fastai picks train's).

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="YOLO export, folder tree of classes or CSV; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=8, help="epochs of the main phase")
+    g.add_argument("--epochs", type=int, default=10, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate; default: lr_find's suggestion")
     g.add_argument("--schedule", choices=["one_cycle", "sgdr"], default="one_cycle",
@@ -104,33 +104,14 @@ def _write_json(obj, path: Path):
     tmp.replace(path)
 
 
-def run(args: argparse.Namespace) -> Path:
-    "Do one run as `args` says; return the run folder."
-    from .data import load_table, radiograph_dataloaders, sample_per_class
-    from .demo import make_demo
+def _train_and_evaluate(args, dls, out: Path, config: dict):
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves
     from .train import radiograph_learner, train
+    import pandas as pd
 
-    demo = args.data is None
-    if demo:
-        print("no --data given: using the built-in SYNTHETIC demo dataset (six regions, made by the package); "
-              "results on it say nothing about real radiographs", flush=True)
-    table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
-    if args.sample:
-        table.df = sample_per_class(table.df, args.sample, seed=args.seed)
-    size = args.size or (DEMO_SIZE if demo else 224)
-    dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
-                                 balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert)
-    out = new_run_dir(args.out, args.arch)
-    config = {"options": {**vars(args), "size": size}, "data": {"path": str(args.data) if args.data else "demo",
-              "synthetic_demo": demo, "source": table.source, **table.summary(), "notes": table.notes,
-              "classes": list(dls.vocab)},
-              "versions": _versions(), "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds"),
-              "status": "running"}
-    _write_json(config, out / "config.json")
     learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd, path=out)
     info = learn.weights_info
-    print(f"weights: {info.source}", flush=True)
+    print(f"weights: {info.note}", flush=True)
     config.update(weights=info.source, fp16=learn.fp16)
     _write_json(config, out / "config.json")
 
@@ -138,7 +119,6 @@ def run(args: argparse.Namespace) -> Path:
     summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, schedule=args.schedule,
                     cycle_len=args.cycle_len, cycle_mult=args.cycle_mult, patience=args.patience,
                     monitor=args.monitor, out_dir=out)
-    import pandas as pd
     plot_curves(pd.read_csv(out / "history.csv"), out / "curves.png")
 
     metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
@@ -152,6 +132,39 @@ def run(args: argparse.Namespace) -> Path:
     config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                   finished=datetime.now().isoformat(timespec="seconds"))
     _write_json(config, out / "config.json")
+    return learn, metrics
+
+
+def run(args: argparse.Namespace) -> Path:
+    "Do one run as `args` says; return the run folder."
+    from .data import load_table, radiograph_dataloaders, sample_per_class
+    from .demo import make_demo
+    from .models import arch_stats
+
+    demo = args.data is None
+    if demo:
+        print("no --data given: using the built-in SYNTHETIC demo dataset (six regions, made by the package); "
+              "results on it say nothing about real radiographs", flush=True)
+    table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
+    if args.sample:
+        table.df = sample_per_class(table.df, args.sample, seed=args.seed)
+    size = args.size or (DEMO_SIZE if demo else 224)
+    dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
+                                 balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
+                                 stats=arch_stats(args.arch))
+    out = new_run_dir(args.out, args.arch)
+    config = {"options": {**vars(args), "size": size}, "data": {"path": str(args.data) if args.data else "demo",
+              "synthetic_demo": demo, "source": table.source, **table.summary(), "notes": table.notes,
+              "classes": list(dls.vocab)},
+              "versions": _versions(), "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds"),
+              "status": "running"}
+    _write_json(config, out / "config.json")
+    try:
+        learn, metrics = _train_and_evaluate(args, dls, out, config)
+    except BaseException as e:  # the folder says the run did not finish, and why
+        config.update(status="failed", error=f"{type(e).__name__}: {e}")
+        _write_json(config, out / "config.json")
+        raise
     for split, m in metrics.items():
         if isinstance(m, dict):
             lo, hi = m["accuracy_ci95"]

@@ -148,7 +148,8 @@ def radiograph_aug_transforms(
     min_zoom: float = 0.9,  # minimum zoom; < 1 zooms out (zero-padded)
     max_zoom: float = 1.1,  # maximum zoom
     max_lighting: float = 0.2,  # maximum brightness / contrast change
-    normalize: bool = True,  # append `Normalize` with ImageNet statistics (pretrained models expect it)
+    normalize: bool = True,  # append `Normalize` with `stats` (pretrained models expect it)
+    stats: tuple = imagenet_stats,  # (mean, std) the model's pretrained weights were trained with
 ) -> list:
     "Batch transforms for radiographs: flips, rotation, zoom and lighting, no perspective warp, zero padding."
     from fastai.vision.augment import PadMode, aug_transforms  # see `radiograph_item_tfms` on why here
@@ -160,5 +161,5 @@ def radiograph_aug_transforms(
     # Zero padding matches the black border that `Resize(method=Pad)` adds, instead of mirroring anatomy into it.
     tfms = aug_transforms(do_flip=True, flip_vert=flip_vert, max_rotate=max_rotate, min_zoom=min_zoom,
                           max_zoom=max_zoom, max_warp=0.0, max_lighting=max_lighting, pad_mode=PadMode.Zeros, size=size)
-    if normalize: tfms.append(Normalize.from_stats(*imagenet_stats))
+    if normalize: tfms.append(Normalize.from_stats(*stats))
     return tfms
