@@ -1,0 +1,87 @@
+"The runner end to end: one tiny run on the real export (and the demo), its folder, predict on its export, bad input."
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+RUN_FILES = {"config.json", "history.csv", "metrics.json", "lr_find.png", "curves.png", "confusion_matrix.png",
+             "top_losses.png", "export.pkl"}
+
+
+def _cli(*args, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def real_run(yolo_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cnn-real"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(yolo_export), "--sample", "3", "--size", "64",
+               "--epochs", "1", "--bs", "8", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_run_writes_every_file(real_run):
+    out, res = real_run
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    assert res.stdout.strip().splitlines()[-1] == str(out)  # the last line is the run folder
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "done" and config["options"]["arch"] == "cnn" and config["weights"] == "none (custom CNN)"
+    assert {"fastai", "torch", "timm"} <= set(config["versions"])
+    assert config["data"]["splits"]["train"] == {c: 3 for c in config["data"]["classes"]}
+    metrics = json.loads((out / "metrics.json").read_text())
+    valid = metrics["valid"]
+    assert valid["n"] == 18 and 0 <= valid["accuracy_ci95"][0] <= valid["accuracy"] <= valid["accuracy_ci95"][1] <= 1
+    assert len(valid["confusion_matrix"]) == 6 and set(valid["per_class"]) == set(config["data"]["classes"])
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 1 and history.valid_loss.notna().all()
+
+
+def test_predict_on_the_export_in_a_fresh_process(real_run, yolo_export, tmp_path):
+    out, _ = real_run
+    images = sorted((yolo_export / "val" / "images").iterdir())[:3]
+    res = _cli("fracture_fastai.predict", str(out / "export.pkl"), *map(str, images), "--csv", str(tmp_path / "p.csv"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert list(preds.columns[:3]) == ["file", "class", "probability"] and len(preds) == 3
+    assert set(preds["class"]) <= set(preds.columns[3:])
+
+
+def test_existing_run_folder_is_never_overwritten(real_run):
+    out, _ = real_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--out", str(out))
+    assert res.returncode == 2 and "already holds a run" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_demo_run_is_synthetic_and_says_so(tmp_path):
+    out = tmp_path / "demo-run"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--sample", "2", "--size", "32", "--epochs", "1", "--bs", "4",
+               "--no-tta", "--out", str(out), env={"FRACTURE_FASTAI_HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SYNTHETIC" in res.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["synthetic_demo"] is True and "test" in json.loads((out / "metrics.json").read_text())
+    assert (tmp_path / "home" / "demo-v1" / "data.yaml").exists()
+
+
+@pytest.mark.parametrize("args,message", [(["--arch", "alexnet"], "unknown architecture 'alexnet'"),
+                                          (["--data", "/no/such/folder"], "does not exist"),
+                                          (["--epochs", "0"], "--epochs must be at least 1")])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    res = _cli("fracture_fastai.run", *args, "--out", str(tmp_path / "never"))
+    assert res.returncode == 2 and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "never").exists()  # no empty run folder left behind
+
+
+def test_help_lists_the_architectures():
+    res = _cli("fracture_fastai.run", "--help")
+    from fracture_fastai.models import list_archs
+    assert res.returncode == 0 and all(a in res.stdout for a in list_archs())
