@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=10, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate; default: lr_find's suggestion")
+    g.add_argument("--lr-mult", type=float, default=10, help="pretrained archs: head lr / first body group's lr")
     g.add_argument("--schedule", choices=["one_cycle", "sgdr"], default="one_cycle",
                    help="one-cycle, or cosine annealing with warm restarts")
     g.add_argument("--cycle-len", type=int, default=2, help="SGDR: epochs of the first cycle")
@@ -116,7 +117,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     _write_json(config, out / "config.json")
 
     start = time.time()
-    summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, schedule=args.schedule,
+    summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult, schedule=args.schedule,
                     cycle_len=args.cycle_len, cycle_mult=args.cycle_mult, patience=args.patience,
                     monitor=args.monitor, out_dir=out)
     plot_curves(pd.read_csv(out / "history.csv"), out / "curves.png")

@@ -140,6 +140,7 @@ def train(
     epochs: int = 10,  # epochs of the main phase (unfrozen for pretrained archs)
     lr: float | None = None,  # peak learning rate; None: lr_find's suggestion
     freeze_epochs: int = 1,  # head-only epochs before unfreezing (pretrained archs only)
+    lr_mult: float = 10,  # pretrained archs: the body's first layer group learns `lr_mult` times slower than the head
     schedule: str = "one_cycle",  # 'one_cycle' or 'sgdr' (cosine annealing with warm restarts)
     cycle_len: int = 2,  # SGDR: epochs of the first cycle
     cycle_mult: int = 1,  # SGDR: growth of each later cycle
@@ -172,7 +173,9 @@ def train(
         learn.unfreeze()
         lr = lr / 2  # fastai's fine_tune halves the rate and spreads it over the layer groups
     history.phase = "unfrozen" if pretrained else "train"
-    lrs = slice(lr / 100, lr) if pretrained else lr
+    # fastai's fine_tune uses lr_mult=100; on timm archs (two layer groups) that leaves the whole body at lr/100,
+    # too slow for ImageNet features to adapt to radiographs within a few epochs.
+    lrs = slice(lr / lr_mult, lr) if pretrained else lr
     cbs = _callbacks(out_dir, monitor, patience, history)
     if schedule == "one_cycle":
         kwargs = dict(pct_start=0.3, div=5.0) if pretrained else {}
