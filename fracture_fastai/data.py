@@ -16,7 +16,7 @@ import pandas as pd
 from .errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
-           "read_folders", "read_csv", "load_table", "grouped_split", "sample_per_class", "make_demo", "class_weights", "save_batch",
+           "read_folders", "read_csv", "load_table", "grouped_split", "sample_per_class", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -291,7 +291,7 @@ def sample_per_class(df: pd.DataFrame, n: int, seed: int = 42) -> pd.DataFrame:
     return pd.concat(parts).reset_index(drop=True)
 
 
-def class_weights(dls) -> "torch.Tensor":
+def class_weights(dls):
     "Inverse-frequency loss weights of `dls`' training labels, normalised to mean 1, in vocab order."
     import torch
     classes = list(dls.vocab)

@@ -11,9 +11,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["DEMO_REGIONS", "demo_dir", "make_demo"]
+from .data import REGIONS
 
-DEMO_REGIONS = ("elbow", "fingers", "forearm", "humerus", "shoulder", "wrist")
+__all__ = ["demo_dir", "make_demo"]
+
 _DEMO_VERSION = 1
 
 
@@ -50,7 +51,7 @@ def _region_bones(region: str, rng, s: int) -> list:
         bones = [((c - 0.1 * s, 0.55 * s), (c - 0.1 * s, 0.98 * s), 0.07 * s), ((c + 0.1 * s, 0.55 * s), (c + 0.1 * s, 0.98 * s), 0.06 * s)]
         return bones + [((c + dx * s, 0.4 * s + dy * s), (c + dx * s, 0.4 * s + dy * s), 0.08 * s)
                         for dx, dy in ((-0.15, 0), (0, -0.05), (0.15, 0), (-0.07, 0.1), (0.08, 0.1))]
-    raise ValueError(f"unknown demo region {region!r}; allowed: {', '.join(DEMO_REGIONS)}")
+    raise ValueError(f"unknown demo region {region!r}; allowed: {', '.join(REGIONS)}")
 
 
 def _radiograph(region: str, rng, size: int):
@@ -91,16 +92,16 @@ def make_demo(dest=None, n_train: int = 40, n_valid: int = 10, n_test: int = 10,
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         (tmp / split / "images").mkdir(parents=True, exist_ok=True)
         (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
-        for cls, region in enumerate(DEMO_REGIONS):
+        for cls, region in enumerate(REGIONS):
             for i in range(n):
                 img, poly = _radiograph(region, rng, size)
                 stem = f"{region}_{split}_{i:03d}"
                 cv2.imwrite(str(tmp / split / "images" / f"{stem}.png"), img)
                 coords = " ".join(f"{v:.5f}" for v in poly.reshape(-1))
                 (tmp / split / "labels" / f"{stem}.txt").write_text(f"{cls} {coords}\n")
-    names = ", ".join(f"'{r} fracture'" for r in DEMO_REGIONS)
+    names = ", ".join(f"'{r} fracture'" for r in REGIONS)
     (tmp / "data.yaml").write_text(
         "# fracture_fastai demo: SYNTHETIC radiograph-like images, not real data\n"
-        f"train: train/images\nval: valid/images\ntest: test/images\nnc: {len(DEMO_REGIONS)}\nnames: [{names}]\n")
+        f"train: train/images\nval: valid/images\ntest: test/images\nnc: {len(REGIONS)}\nnames: [{names}]\n")
     tmp.rename(dest)  # appears whole or not at all, so an interrupted run never leaves half a dataset
     return dest

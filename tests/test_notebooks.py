@@ -1,5 +1,4 @@
 "Every notebook of nbs/ runs top to bottom (small sample, one epoch); a failing cell fails the suite."
-import os
 from pathlib import Path
 
 import nbformat

@@ -77,7 +77,7 @@ def test_cli_csv_skips_corrupt_image_in_a_fresh_process(export, tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["file", "class", "probability", *CLASSES]
     assert len(rows) == 1 + 3 and not any("corrupt" in row[0] or "notes" in row[0] for row in rows[1:])
-    for file, cls, prob, *probs in rows[1:]:
+    for _file, cls, prob, *probs in rows[1:]:
         probs = [float(p) for p in probs]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert cls in CLASSES and float(prob) == pytest.approx(max(probs)) and probs[CLASSES.index(cls)] == max(probs)

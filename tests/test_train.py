@@ -5,7 +5,7 @@ import torch
 
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
-from fracture_fastai.train import PlainProgressCallback, fit_warm_restarts, radiograph_learner, train
+from fracture_fastai.train import fit_warm_restarts, radiograph_learner, train
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,4 @@
 "Tests for fracture_fastai.transforms: synthetic arrays whose right answer is known."
-import io
 import pickle
 
 import cv2

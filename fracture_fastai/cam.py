@@ -1,0 +1,516 @@
+"""Grad-CAM: where in a radiograph a class comes from, drawn over the image and scored against the annotated
+fracture polygons (pointing game, share of heat-map mass inside the polygon).
+
+`python -m fracture_fastai.cam EXPORT.pkl PATH... --out DIR` draws one overlay per image from an exported Learner.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError, cli_errors
+from .evaluate import accuracy_ci
+
+# Plots go to files, never to a screen; a Jupyter kernel keeps its own (inline) backend.
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "decode_images", "overlay", "gradcam_grid",
+           "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "main"]
+
+# The pointing game's slack, as a share of the input side (9 px at 224 px). A Grad-CAM map comes from a feature map
+# 32x coarser than the input (7x7 at 224 px), so its peak is only placed to within about half a cell (~16 px); 4 %
+# forgives the upsampling's sub-cell jitter and a tight annotation without crediting a peak on the next bone.
+DEFAULT_TOLERANCE = 0.04
+RESIZE_METHODS = ("pad", "crop", "squish")  # fastai's ResizeMethod values
+_Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+_MASS_CI_METHOD = "normal approximation: mean +/- 1.96*sd/sqrt(n), clipped to [0, 1]"
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+@contextmanager
+def _eval_mode(model):
+    "Eval mode (BatchNorm running stats, no dropout) inside; every module's own mode restored after."
+    # Restored module by module, not with model.train(): a frozen learner may keep some BatchNorms in another mode.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes: m.training = mode
+
+
+def _track_grad(module, input, output):
+    "Forward-hook function: the body's feature map, made to require grad so Grad-CAM can differentiate through it."
+    # A frozen body (pretrained learners) gives a feature map with no autograd history: it is then a leaf, and
+    # marking it lets the head's gradient reach it without touching any parameter's requires_grad.
+    if isinstance(output, torch.Tensor) and not output.requires_grad: output.requires_grad_(True)
+    return output
+
+
+def _vocab(learn) -> list:
+    "The class names of `learn`, or [] when its DataLoaders have none."
+    vocab = getattr(learn.dls, "vocab", None)
+    return [str(c) for c in vocab] if vocab is not None else []
+
+
+def _class_name(vocab: list, i: int) -> str: return vocab[i] if i < len(vocab) else str(i)
+
+
+def _class_index(learn, target, n_classes: int) -> int:
+    "Index of `target` (a class name, or an index below `n_classes`); a `UserError` naming the classes otherwise."
+    vocab = _vocab(learn)
+    if isinstance(target, str):
+        if target in vocab: return vocab.index(target)
+        if target.strip().isdigit(): target = int(target)
+        else: raise UserError(f"unknown class {target!r}; the model knows: {', '.join(vocab) or f'0..{n_classes - 1}'}")
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and 0 <= target < n_classes:
+        return int(target)
+    raise UserError(f"target class must be a class name or an index in 0..{n_classes - 1}; got {target!r}")
+
+
+def _targets(learn, target, logits: torch.Tensor) -> torch.Tensor:
+    "Class index per image: the predicted class when `target` is None, else `target` (one class, or one per image)."
+    bs, n_classes = logits.shape
+    if target is None: return logits.argmax(1)
+    if isinstance(target, (torch.Tensor, np.ndarray)): target = target.tolist()
+    if not isinstance(target, (list, tuple)): target = [target] * bs
+    if len(target) != bs:
+        raise UserError(f"target has {len(target)} classes for a batch of {bs} images; give one class or one per image")
+    return torch.tensor([_class_index(learn, t, n_classes) for t in target], device=logits.device)
+
+
+def _gradcam(learn, x: torch.Tensor, target=None) -> tuple:
+    "`(cams, probs, targets)`: Grad-CAM maps (bs, H, W) in [0, 1], softmax probabilities and the classes explained."
+    from fastai.callback.hook import Hook
+    model = learn.model
+    device = next(model.parameters(), torch.empty(0)).device
+    x = x.as_subclass(torch.Tensor).to(device)  # a plain tensor: fastai's TensorImage dispatch has no part here
+    with _eval_mode(model), torch.enable_grad(), Hook(model[0], _track_grad, detach=False) as hook:
+        logits = model(x).as_subclass(torch.Tensor)
+        acts = hook.stored
+        if not isinstance(acts, torch.Tensor) or acts.ndim != 4:
+            raise UserError("Grad-CAM needs learn.model[0] to output a feature map (batch, channels, h, w); got "
+                            f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
+        targets = _targets(learn, target, logits)
+        # Images in a batch don't interact in eval mode, so one backward pass of the summed scores gives each image
+        # its own gradient; autograd.grad, unlike backward(), leaves the parameters' .grad untouched.
+        (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), acts)
+    weights = grads.mean((2, 3), keepdim=True)  # global-average-pooled gradients: one weight per channel
+    cams = F.relu((weights * acts).sum(1, keepdim=True)).detach()
+    cams = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    # Scaled by the peak, not min-max: 0 keeps meaning "no evidence", so the mass inside a polygon is comparable
+    # across images; a map with no positive evidence stays all zeros.
+    peak = cams.flatten(1).amax(1)[:, None, None]
+    cams = cams / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return cams.clamp(0, 1).cpu(), logits.detach().softmax(1).cpu(), targets.cpu()
+
+
+def gradcam(
+    learn,  # a Learner whose `model[0]` is the body (a conv feature map) and `model[1]` the head
+    x: torch.Tensor,  # a batch of images, normalised as the Learner's DataLoaders give them
+    target=None,  # None: each image's predicted class; else a class (name or index) or one per image
+) -> torch.Tensor:  # (bs, H, W) at the input resolution, each map scaled to a peak of 1 (all 0 without evidence)
+    "Grad-CAM maps of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
+    # Works on frozen bodies and leaves the model as found: training mode restored, requires_grad never changed.
+    return _gradcam(learn, x, target)[0]
+
+
+# ---------------------------------------------------------------- drawing
+
+def _set_split(dl):
+    "Set `dl`'s transform pipelines to its dataset's split, as fastai's `TfmdDL.before_iter` does when iterating."
+    # Until `dl` is first iterated its pipelines have no split: Resize would place the pad at random and the
+    # augmentations would run, on validation and test items alike.
+    split_idx = getattr(dl.dataset, "split_idx", None)
+    for name in ("after_item", "before_batch", "after_batch"):
+        pipeline = getattr(dl, name, None)
+        if hasattr(pipeline, "split_idx"): pipeline.split_idx = split_idx
+    return dl
+
+
+def _batch(dl, idxs):
+    "The batch of `dl`'s items `idxs`, through the item and batch transforms exactly as iterating `dl` would give it."
+    _set_split(dl)
+    return _after_batch(dl, dl.do_batch([dl.do_item(i) for i in idxs]))
+
+
+def _after_batch(dl, b):
+    "A collated batch `b` moved to `dl`'s device and through its batch transforms, as `DataLoader.__iter__` does."
+    from fastai.torch_core import to_device
+    if getattr(dl, "device", None) is not None: b = to_device(b, dl.device)
+    return dl.after_batch(b)
+
+
+def decode_images(
+    dl,  # the DataLoader `x` came from (its batch transforms hold the Normalize to undo)
+    x: torch.Tensor,  # a normalised batch
+) -> list:
+    "The radiographs of `x` as displayable HxWxC float arrays in [0, 1], normalisation undone by `dl.decode`."
+    decoded = dl.decode((x,))[0]
+    return [_display_image(img) for img in decoded]
+
+
+def _display_image(image) -> np.ndarray:
+    "HxW or HxWx3 float array in [0, 1] from a CHW tensor (fastai's layout) or an HxW[xC] array, in [0, 1] or 0..255."
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
+    a = np.asarray(image)
+    integer = np.issubdtype(a.dtype, np.integer)  # fastai decodes to 0..255 integers (IntToFloatTensor)
+    a = a.astype(np.float32)
+    if a.ndim == 3 and a.shape[2] == 1: a = a[..., 0]
+    if integer or a.max(initial=0) > 1: a = a / 255.0
+    return np.clip(a, 0, 1)
+
+
+def _show(ax, image, cam=None, alpha: float = 0.5):
+    "The radiograph on `ax`, with the heat map blended over it when `cam` is given."
+    img = _display_image(image)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    if cam is not None:
+        cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+        ax.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+    ax.axis("off")
+
+
+def overlay(
+    image,  # the radiograph: a decoded CHW tensor (see `decode_images`) or an HxW[xC] array, in [0, 1] or 0..255
+    cam,  # its Grad-CAM map, HxW in [0, 1]
+    path,  # the PNG to write
+    title: str = "",  # e.g. "elbow (0.93)": the predicted class and its probability
+    alpha: float = 0.5,  # opacity of the heat map
+) -> Path:
+    "Save the radiograph and the radiograph under its jet heat map side by side, titled `title`."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axs = plt.subplots(1, 2, figsize=(6, 3.3))
+    _show(axs[0], image)
+    _show(axs[1], image, cam, alpha)
+    if title: fig.suptitle(title)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _right_and_wrong(probs: torch.Tensor, targs, n: int) -> list:
+    "Indices of up to `n` images: about half wrongly and half rightly classified, the most confident of each first."
+    conf, pred = probs.max(1)
+    by_conf = conf.argsort(descending=True)
+    if targs is None: return by_conf[:n].tolist()
+    right = [i for i in by_conf.tolist() if pred[i] == targs[i]]
+    wrong = [i for i in by_conf.tolist() if pred[i] != targs[i]]
+    n_wrong = min(len(wrong), n // 2)
+    n_right = min(len(right), n - n_wrong)
+    n_wrong = min(len(wrong), n - n_right)  # too few right ones: fill up with wrong ones
+    return right[:n_right] + wrong[:n_wrong]
+
+
+def gradcam_grid(
+    learn,  # a trained Learner
+    path,  # the PNG to write (a run's gradcam.png)
+    dl=None,  # a validation-style DataLoader; default `learn.dls.valid`
+    n: int = 8,  # images to show
+    alpha: float = 0.5,  # opacity of the heat map
+) -> Path:
+    "Grid of Grad-CAM overlays (predicted class) of `n` images, half right and half wrong where the data allow."
+    dl = (learn.dls.valid if dl is None else dl).new(shuffle=False, drop_last=False)
+    if not len(dl.dataset): raise UserError("no images to draw Grad-CAM for: the DataLoader is empty")
+    with learn.no_bar():
+        probs, targs = learn.get_preds(dl=dl, act=lambda o: F.softmax(o, dim=-1))[:2]
+    picks = _right_and_wrong(probs.float(), targs, n)
+    x = _batch(dl, picks)[0]
+    cams, _, _ = _gradcam(learn, x)
+    images = decode_images(dl, x)
+    vocab = _vocab(learn)
+    cols = min(4, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    fig, axs = plt.subplots(rows, 2 * cols, figsize=(4 * cols, 2.3 * rows), squeeze=False)
+    for ax in axs.flat: ax.axis("off")
+    for j, (i, img, cam) in enumerate(zip(picks, images, cams)):
+        ax_img, ax_cam = axs[j // cols, 2 * (j % cols)], axs[j // cols, 2 * (j % cols) + 1]
+        _show(ax_img, img)
+        _show(ax_cam, img, cam, alpha)
+        pred = int(probs[i].argmax())
+        title = f"{_class_name(vocab, pred)} ({probs[i, pred]:.2f})"
+        right = targs is None or int(targs[i]) == pred
+        if targs is not None: title = f"{_class_name(vocab, int(targs[i]))} / {title}"
+        # Left-aligned over the pair: the title names the image, not one of its two panels.
+        ax_img.set_title(title, loc="left", fontsize=9, color="black" if targs is None else "green" if right else "red")
+    fig.suptitle("Grad-CAM of the predicted class: actual / predicted (probability)" if targs is not None
+                 else "Grad-CAM of the predicted class: predicted (probability)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- localisation against fracture polygons
+
+def _out_wh(size) -> tuple:
+    "(w, h) of a Resize `size`: an int side, or (h, w) as fastai's Resize takes it."
+    if isinstance(size, (int, np.integer)): return int(size), int(size)
+    h, w = size
+    return int(w), int(h)
+
+
+def _resize_window(orig_size, size, method: str = "pad") -> tuple:
+    "`(tl, crop)`: the window (top-left, (w, h)) of the original image that fastai's validation-time Resize scales to `size`."
+    if method not in RESIZE_METHODS:
+        raise UserError(f"resize method must be one of {', '.join(RESIZE_METHODS)}; got {method!r}")
+    w, h = orig_size
+    out_w, out_h = _out_wh(size)
+    if method == "squish": return (0, 0), (w, h)
+    # fastai's Resize.encodes line by line (pcts 0.5 at validation): the scale picks the larger ratio to pad, the
+    # smaller to crop; int() truncates toward zero, so a pad of -51.5 px becomes -51, not -52.
+    rw, rh = w / out_w, h / out_h
+    m = rw if (rw > rh if method == "pad" else rw < rh) else rh
+    crop = (int(m * out_w), int(m * out_h))
+    return (int(0.5 * (w - crop[0])), int(0.5 * (h - crop[1]))), crop
+
+
+def polygon_to_input(
+    polygons,  # polygons as lists of [x, y] pairs, normalised to the original image's width and height (YOLO)
+    orig_size: tuple,  # (w, h) of the original image in pixels, as PIL's `Image.size`
+    size,  # the Resize size: an int side, or (h, w)
+    method: str = "pad",  # the Resize method: 'pad' (this package's), 'crop' or 'squish'
+) -> list:
+    "The polygons in model-input pixels (x right, y down, 0..W on pixel edges), mapped as fastai's validation Resize maps the image."
+    (tl_x, tl_y), (crop_w, crop_h) = _resize_window(orig_size, size, method)
+    w, h = orig_size
+    out_w, out_h = _out_wh(size)
+    # Crop/pad moves original pixel x to x - tl in a crop_w-wide canvas, which PIL then scales edge to edge.
+    scale = np.array([out_w / crop_w, out_h / crop_h])
+    return [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * [w, h] - [tl_x, tl_y]) * scale for p in polygons]
+
+
+def polygon_mask(
+    polygons_px,  # polygons in input pixels, as `polygon_to_input` gives them
+    size,  # the mask's size: an int side, or (h, w)
+) -> np.ndarray:
+    "Boolean (h, w) mask of the pixels the polygons cover, edges included, so a thin polygon still marks its pixels."
+    out_w, out_h = _out_wh(size)
+    mask = np.zeros((out_h, out_w), np.uint8)
+    shift = 8  # sub-pixel vertices: rounding them to whole pixels would shift small polygons by up to half a pixel
+    # cv2 puts pixel centres on integer coordinates; ours are on pixel edges, hence the half-pixel offset.
+    pts = [np.round((np.asarray(p, np.float64).reshape(-1, 2) - 0.5) * (1 << shift)).astype(np.int32)
+           for p in polygons_px if len(p)]
+    if pts: cv2.fillPoly(mask, pts, 1, lineType=cv2.LINE_8, shift=shift)
+    return mask.astype(bool)
+
+
+def _image_scores(cam: np.ndarray, mask: np.ndarray, tolerance_px: float) -> tuple:
+    "`(hit, mass)`: does the map's peak lie within `tolerance_px` of the mask, and its share of mass inside the mask."
+    if cam.shape != mask.shape: raise ValueError(f"cam shape {cam.shape} differs from mask shape {mask.shape}")
+    peak = cam.max(initial=0)
+    # Distance from every pixel centre to the nearest mask pixel centre: a dilation by any radius, in one pass.
+    dist = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    hit = bool(peak > 0 and dist[np.unravel_index(np.argmax(cam), cam.shape)] <= tolerance_px)  # no evidence: a miss
+    total = float(cam.sum())
+    return hit, float(cam[mask].sum()) / total if total > 0 else 0.0
+
+
+def _aggregate(hits: list, masses: list, n_skipped: int, tolerance: float, tolerance_px) -> dict:
+    "The localisation summary of per-image hits and masses, with 95 % intervals."
+    n = len(hits)
+    res = {"n": n, "n_skipped": int(n_skipped), "pointing_game": None, "pointing_game_ci95": None,
+           "mass_inside": None, "mass_inside_ci95": None, "tolerance": float(tolerance),
+           "tolerance_px": None if tolerance_px is None else float(tolerance_px),
+           "pointing_game_ci95_method": "wilson", "mass_inside_ci95_method": _MASS_CI_METHOD}
+    if not n: return res
+    mean = float(np.mean(masses))
+    if n > 1:
+        half = _Z95 * float(np.std(masses, ddof=1)) / math.sqrt(n)
+        mass_ci = [max(0.0, mean - half), min(1.0, mean + half)]
+    else:
+        mass_ci = [0.0, 1.0]  # one image says nothing about the spread
+    res.update(pointing_game=sum(hits) / n, pointing_game_ci95=list(accuracy_ci(sum(hits), n)),
+               mass_inside=mean, mass_inside_ci95=mass_ci)
+    return res
+
+
+def _check_tolerance(tolerance):
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise UserError(f"tolerance must be a share of the input side in [0, 1) (e.g. {DEFAULT_TOLERANCE}); got {tolerance!r}")
+    return float(tolerance)
+
+
+def localisation_scores(
+    cams,  # Grad-CAM maps, each (h, w) (a (n, h, w) tensor or array, or a list)
+    masks,  # the fracture mask of each map (`polygon_mask`), or None / an empty mask where there is none
+    tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
+) -> dict:
+    "Pointing game (peak within `tolerance` of the fracture) and heat-map mass inside it, with 95 % intervals."
+    tolerance = _check_tolerance(tolerance)
+    cams, masks = list(cams), list(masks)
+    if len(cams) != len(masks): raise ValueError(f"{len(cams)} cams but {len(masks)} masks")
+    hits, masses, skipped, tolerance_px = [], [], 0, None
+    for cam, mask in zip(cams, masks):
+        if mask is None or not np.any(mask):
+            skipped += 1
+            continue
+        cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+        tolerance_px = tolerance * max(cam.shape)
+        hit, mass = _image_scores(cam.astype(np.float32), np.asarray(mask, bool), tolerance_px)
+        hits.append(hit)
+        masses.append(mass)
+    return _aggregate(hits, masses, skipped, tolerance, tolerance_px)
+
+
+def _find_resize(dl):
+    "The fastai `Resize` among `dl`'s item transforms; a `UserError` when there is not exactly one."
+    from fastai.vision.augment import Resize
+    found = [t for t in dl.after_item.fs if isinstance(t, Resize)]
+    if len(found) != 1:
+        raise UserError(f"cannot map fracture polygons onto the model input: the DataLoader has {len(found)} fastai "
+                        "Resize item transforms, not one")
+    return found[0]
+
+
+def _has_polygons(polygons) -> bool:
+    return isinstance(polygons, (list, tuple, np.ndarray)) and any(len(p) for p in polygons)
+
+
+def score_localisation(
+    learn,  # a trained Learner (model[0] body, model[1] head)
+    dl=None,  # a validation or test DataLoader whose `.items` DataFrame has `file` and `polygons`; default `learn.dls.valid`
+    bs: int = 16,  # images per Grad-CAM pass
+    tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
+) -> dict:
+    "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (mapped through the Resize)."
+    import pandas as pd
+    from PIL import Image
+    tolerance = _check_tolerance(tolerance)
+    dl = learn.dls.valid if dl is None else dl
+    items = getattr(dl, "items", None)
+    if not isinstance(items, pd.DataFrame) or not {"file", "polygons"} <= set(items.columns):
+        raise UserError("localisation needs a DataLoader over a table with 'file' and 'polygons' columns "
+                        "(fracture_fastai.data.radiograph_dataloaders builds one)")
+    if getattr(dl.dataset, "split_idx", None) == 0:
+        raise UserError("localisation needs a validation or test DataLoader: the training one crops and augments at random")
+    resize = _find_resize(dl)
+    size = (resize.size[1], resize.size[0])  # Resize keeps (w, h); polygon_to_input takes (h, w) like Resize's argument
+    # Iterated by index, not by `dl`, so each map meets its own row whatever the sampler; unannotated rows cost nothing.
+    idxs = [i for i, polygons in enumerate(items.polygons) if _has_polygons(polygons)]
+    hits, masses, tolerance_px = [], [], None
+    for start in range(0, len(idxs), bs):
+        chunk = idxs[start:start + bs]
+        cams = _gradcam(learn, _batch(dl, chunk)[0])[0].numpy()
+        for i, cam in zip(chunk, cams):
+            row = items.iloc[i]
+            with Image.open(row.file) as img: orig_size = img.size  # the header alone: no pixels decoded
+            mask = polygon_mask(polygon_to_input(row.polygons, orig_size, size, str(resize.method)), size)
+            tolerance_px = tolerance * max(cam.shape)
+            hit, mass = _image_scores(cam, mask, tolerance_px)
+            hits.append(hit)
+            masses.append(mass)
+    return {**_aggregate(hits, masses, len(items) - len(idxs), tolerance, tolerance_px), "target": "predicted"}
+
+
+# ---------------------------------------------------------------- command line
+
+def _output_names(files) -> list:
+    "One PNG name per image, `<stem>_gradcam.png`, numbered where stems repeat across folders."
+    # The suffix keeps an overlay from overwriting its own image when --out is the image folder.
+    names, seen = [], set()
+    for f in files:
+        stem, k = Path(f).stem, 1
+        name = f"{stem}_gradcam.png"
+        while name in seen:
+            k += 1
+            name = f"{stem}_gradcam_{k}.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .data import IMAGE_EXTS
+    p = argparse.ArgumentParser(
+        prog="python -m fracture_fastai.cam",
+        description="Grad-CAM overlays of radiographs with an exported fastai Learner (export.pkl from "
+                    "python -m fracture_fastai.run): one PNG per image in --out, its path printed.",
+        epilog="Exit code: 0 all images drawn, 1 some could not be read or found, 2 usage error. "
+               "export.pkl is a pickle: load only exports you trust.")
+    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays (<image stem>_gradcam.png)")
+    p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
+    p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
+    return p
+
+
+@cli_errors
+def main(argv=None) -> int:
+    "Command line: draw one Grad-CAM overlay per image, report failures; returns the exit code."
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # torch warns on import that fastai's jit-scripted activations use a deprecated API: noise in a tool's stderr.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        return _cam_command(args)
+
+
+def _readable_items(dl, idxs, files) -> tuple:
+    "`(items, good)`: the loaded items of `idxs` and their indices; each unreadable file reported on stderr."
+    items, good = [], []
+    for i in idxs:
+        try:
+            items.append(dl.do_item(i))
+            good.append(i)
+        except Exception:
+            print(f"skipped {files[i]}: cannot read image", file=sys.stderr)
+    return items, good
+
+
+def _cam_command(args) -> int:
+    "Draw the overlays of parsed `args`; the exit code."
+    from .data import IMAGE_EXTS
+    from .predict import find_images, load_export
+    if args.bs < 1: raise UserError(f"--bs must be at least 1; got {args.bs}")
+    files, missing = find_images(args.paths)
+    for p in missing: print(f"skipped {p}: no such file or folder", file=sys.stderr)
+    if not files:
+        raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file; give a folder for the overlays")
+    learn = load_export(args.export)
+    vocab = _vocab(learn)
+    target = None if args.target is None else _class_index(learn, args.target, learn.dls.c)
+    dl = _set_split(learn.dls.test_dl([str(f) for f in files], bs=args.bs))
+    names, n_failed = _output_names(files), len(missing)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(files), args.bs):
+        # Each image is read once: the readable ones go on as a batch, a bad one costs only itself.
+        items, good = _readable_items(dl, range(start, min(start + args.bs, len(files))), files)
+        n_failed += len(range(start, min(start + args.bs, len(files)))) - len(good)
+        if not good: continue
+        x = _after_batch(dl, dl.do_batch(items))[0]
+        cams, probs, targets = _gradcam(learn, x, target)
+        for i, image, cam, p, t in zip(good, decode_images(dl, x), cams, probs, targets.tolist()):
+            pred = int(p.argmax())
+            title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"
+            if target is not None: title += f"; Grad-CAM of {_class_name(vocab, t)}"
+            print(overlay(image, cam, out / names[i], title), flush=True)
+    if n_failed:
+        print(f"{n_failed} of {len(files) + len(missing)} path(s) failed; {len(files) + len(missing) - n_failed} "
+              "overlay(s) written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

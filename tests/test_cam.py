@@ -1,0 +1,311 @@
+"""Grad-CAM: a known-answer model, every registered arch, frozen pretrained bodies, polygon mapping through the real pad
+Resize, localisation scores with analytic answers, the run-folder plot and the command line."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fracture_fastai.cam import (_batch, _right_and_wrong, gradcam, gradcam_grid, localisation_scores, main, polygon_mask,
+                                 polygon_to_input, score_localisation)
+from fracture_fastai.evaluate import accuracy_ci
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- a model whose Grad-CAM is known
+
+
+class QuadrantBody(nn.Module):
+    "Feature map at half resolution: channel k is the image's brightness inside quadrant k (TL, TR, BL, BR), 0 elsewhere."
+    def forward(self, x):
+        bright = nn.functional.avg_pool2d(x.mean(1, keepdim=True), 2)
+        h, w = bright.shape[-2:]
+        masks = torch.zeros(4, h, w)
+        masks[0, :h // 2, :w // 2] = masks[1, :h // 2, w // 2:] = masks[2, h // 2:, :w // 2] = masks[3, h // 2:, w // 2:] = 1
+        return bright * masks
+
+
+def _quadrant_learner():
+    "A Learner whose class-k logit is the mean of feature channel k: the brightness of quadrant k."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    dl = DataLoader([(torch.zeros(3, 32, 32), 0)], bs=1)
+    model = nn.Sequential(QuadrantBody(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    return Learner(DataLoaders(dl, dl), model, loss_func=CrossEntropyLossFlat())
+
+
+def _square(img, quadrant, value, side=6):
+    "A bright `side`-px square in the middle of `quadrant` (0 TL, 1 TR, 2 BL, 3 BR) of a CHW image."
+    h, w = img.shape[-2:]
+    cy, cx = (h // 4) * (1 + 2 * (quadrant // 2)), (w // 4) * (1 + 2 * (quadrant % 2))
+    img[:, cy - side // 2:cy + side // 2, cx - side // 2:cx + side // 2] = value
+
+
+def _quadrant_of(cam):
+    h, w = cam.shape
+    y, x = np.unravel_index(int(cam.argmax()), cam.shape)
+    return 2 * int(y >= h // 2) + int(x >= w // 2)
+
+
+def test_gradcam_peaks_in_the_quadrant_that_decides_the_class():
+    learn = _quadrant_learner()
+    x = torch.zeros(4, 3, 32, 32)
+    for q in range(4):
+        _square(x[q], q, 1.0)  # the class: a bright square in quadrant q
+        _square(x[q], (q + 1) % 4, 0.6)  # a dimmer distractor in the next quadrant
+    cams = gradcam(learn, x)
+    assert cams.shape == (4, 32, 32) and cams.min() >= 0 and cams.max() <= 1
+    assert [_quadrant_of(c) for c in cams] == [0, 1, 2, 3]
+    # Asked about the distractor's class, Grad-CAM moves to the distractor: the weights follow the target.
+    cams = gradcam(learn, x, target=[(q + 1) % 4 for q in range(4)])
+    assert [_quadrant_of(c) for c in cams] == [1, 2, 3, 0]
+    # Analytically the map is the target channel itself (one non-zero channel weight), upsampled and peak-scaled.
+    expected = nn.functional.interpolate(QuadrantBody()(x)[torch.arange(4), [1, 2, 3, 0]][:, None], size=(32, 32),
+                                         mode="bilinear", align_corners=False)[:, 0]
+    expected = expected / expected.flatten(1).amax(1)[:, None, None]
+    assert torch.allclose(cams, expected, atol=1e-5)
+
+
+def test_gradcam_target_by_name_or_index_and_bad_targets():
+    from fracture_fastai.errors import UserError
+    learn = _quadrant_learner()
+    x = torch.zeros(2, 3, 32, 32)
+    _square(x[0], 3, 1.0)
+    _square(x[1], 3, 1.0)
+    assert [_quadrant_of(c) for c in gradcam(learn, x, target=3)] == [3, 3]
+    with pytest.raises(UserError, match="index in 0..3"):
+        gradcam(learn, x, target=7)
+    with pytest.raises(UserError, match="one per image"):
+        gradcam(learn, x, target=[0, 1, 2])
+
+
+def test_gradcam_of_a_blank_image_is_all_zeros_not_nan():
+    cams = gradcam(_quadrant_learner(), torch.zeros(1, 3, 32, 32))
+    assert torch.equal(cams, torch.zeros(1, 32, 32))
+
+
+# ---------------------------------------------------------------- real learners
+
+
+@pytest.fixture(scope="module")
+def demo_dls(demo_export):
+    from fracture_fastai.data import load_table, radiograph_dataloaders
+    return radiograph_dataloaders(load_table(demo_export), size=64, bs=4, device="cpu")
+
+
+def test_batches_by_index_are_validation_batches_on_a_fresh_dataloader(demo_export, tmp_path):
+    "Before a DataLoader is first iterated its pipelines have no split: Resize pads at random and augmentations run."
+    from PIL import Image
+    from fracture_fastai.data import load_table, radiograph_dataloaders
+    dls = radiograph_dataloaders(load_table(demo_export), size=32, bs=4, device="cpu")  # never iterated
+    rng = np.random.default_rng(0)
+    files = [tmp_path / "wide.png", tmp_path / "tall.png"]
+    for f, shape in zip(files, [(30, 70), (70, 30)]):  # non-square, so where the pad goes shows
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(f)
+    test = dls.test_dl(files)
+    assert torch.equal(_batch(test, [0, 1])[0], test.one_batch()[0])
+    assert torch.equal(_batch(dls.valid, [0, 1, 2, 3])[0], dls.valid.one_batch()[0])
+
+
+def _model_state(model):
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_gradcam_on_a_frozen_pretrained_body(demo_dls):
+    from fracture_fastai.models import create_learner
+    learn = create_learner("tf_efficientnet_lite0", demo_dls, pretrained="auto")
+    if not learn.pretrained:
+        pytest.skip(f"no offline weights for tf_efficientnet_lite0: {learn.weights_info.note}")
+    learn.model.train()
+    body = learn.model[0]
+    # fastai's freeze leaves BatchNorm trainable (train_bn): the convolutions are what is frozen.
+    assert not any(m.weight.requires_grad for m in body.modules() if isinstance(m, nn.Conv2d))
+    x = demo_dls.valid.one_batch()[0][:2]
+    for fully_frozen in (False, True):
+        if fully_frozen: body.requires_grad_(False)  # nothing in the body needs grad: its output has no autograd history
+        before = _model_state(learn.model)
+        cams = gradcam(learn, x)
+        assert cams.shape == (2, 64, 64) and torch.isfinite(cams).all()
+        assert cams.min() >= 0 and cams.max() <= 1 and all(c.max() > c.min() for c in cams)
+        assert _model_state(learn.model) == before
+        assert all(p.grad is None for p in learn.model.parameters())  # no gradient left behind
+        if fully_frozen: assert torch.allclose(cams, first, atol=1e-5)  # the same maps either way
+        first = cams
+
+
+def _archs():
+    from fracture_fastai.models import list_archs
+    return list_archs()
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_gradcam_runs_for_every_arch(arch, demo_dls):
+    from fracture_fastai.models import create_learner
+    learn = create_learner(arch, demo_dls, pretrained="none")
+    before = _model_state(learn.model)
+    cams = gradcam(learn, demo_dls.valid.one_batch()[0][:1])
+    assert cams.shape == (1, 64, 64) and torch.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1
+    assert _model_state(learn.model) == before
+
+
+# ---------------------------------------------------------------- polygons through fastai's pad Resize
+
+
+@pytest.mark.parametrize("orig, size", [((64, 64), 32), ((203, 100), 64), ((90, 151), 64), ((203, 100), (48, 64))])
+def test_polygon_mapping_matches_fastai_point_transform(orig, size):
+    "fastai moves TensorPoints exactly as it moves pixels: our mapping must agree with it to float precision."
+    from fastai.vision.augment import Resize
+    from fastai.vision.core import TensorPoint
+    polygon = np.array([[0.1, 0.2], [0.7, 0.15], [0.9, 0.8], [0.3, 0.95], [0.0, 1.0]])
+    points = TensorPoint.create(torch.tensor(polygon * 2 - 1), img_size=orig)  # fastai points live in [-1, 1]
+    moved = Resize(size, method="pad", pad_mode="zeros")(points, split_idx=1)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    expected = (moved.numpy() + 1) / 2 * [out_w, out_h]
+    (mapped,) = polygon_to_input([polygon.tolist()], orig, size)
+    np.testing.assert_allclose(mapped, expected, atol=1e-4)
+
+
+def _iou(a, b): return (a & b).sum() / (a | b).sum()
+
+
+@pytest.mark.parametrize("orig", [(80, 80), (203, 100), (100, 203)])
+def test_polygon_mask_covers_the_pixels_the_real_resize_moves(orig):
+    "A white polygon on a black image, through the real pad Resize: the mapped polygon's mask covers the white pixels."
+    from fastai.vision.augment import Resize
+    from fastai.vision.core import PILImage
+    w, h = orig
+    polygon = [[0.35, 0.3], [0.65, 0.35], [0.6, 0.7], [0.3, 0.6]]  # normalised, YOLO style
+    canvas = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(canvas, [np.round(np.array(polygon) * [w, h] - 0.5).astype(np.int32)], 255)
+    resized = Resize(64, method="pad", pad_mode="zeros")(PILImage.create(np.stack([canvas] * 3, -1)), split_idx=1)
+    white = np.asarray(resized)[..., 0] > 127
+    mask = polygon_mask(polygon_to_input([polygon], orig, 64), 64)
+    assert _iou(mask, white) > 0.9
+    if w != h:  # the test can tell: ignoring the padding (a plain stretch) misses the white pixels
+        squished = polygon_mask([np.array(polygon) * 64], 64)
+        assert _iou(squished, white) < 0.6
+
+
+def test_polygon_mask_keeps_a_thin_polygon():
+    mask = polygon_mask([np.array([[2.0, 5.0], [30.0, 5.2], [30.0, 5.4], [2.0, 5.2]])], (16, 32))
+    assert mask.shape == (16, 32) and mask.sum() >= 20 and mask[:, :2].sum() == 0
+
+
+# ---------------------------------------------------------------- scores with known answers
+
+
+def _square_mask(n=20, y0=4, x0=4, side=4):
+    mask = np.zeros((n, n), bool)
+    mask[y0:y0 + side, x0:x0 + side] = True
+    return mask
+
+
+def test_localisation_scores_known_answers():
+    mask = _square_mask()  # rows/cols 4..7
+    inside = np.full((20, 20), 0.25)
+    inside[mask] = 1.0  # peak inside; mass inside = 16 / (16 + 0.25 * 384) = 1/7
+    near = np.zeros((20, 20))
+    near[5, 9] = 1.0  # 2 px right of the mask's last column: inside a 2 px tolerance
+    far = np.zeros((20, 20))
+    far[5, 11] = 1.0  # 4 px away: a miss
+    res = localisation_scores([inside, near, far, np.zeros((20, 20)), inside], [mask, mask, mask, mask, None],
+                              tolerance=0.1)  # 0.1 * 20 px = 2 px
+    assert res["n"] == 4 and res["n_skipped"] == 1 and res["tolerance_px"] == pytest.approx(2.0)
+    assert res["pointing_game"] == 0.5  # inside and near hit; far and the blank map miss
+    assert res["pointing_game_ci95"] == pytest.approx(list(accuracy_ci(2, 4)))
+    masses = [1 / 7, 0.0, 0.0, 0.0]
+    assert res["mass_inside"] == pytest.approx(np.mean(masses))
+    half = 1.959964 * np.std(masses, ddof=1) / 2
+    assert res["mass_inside_ci95"] == pytest.approx([0.0, np.mean(masses) + half], abs=1e-6)  # clipped at 0
+
+
+def test_localisation_scores_without_polygons():
+    res = localisation_scores([np.ones((8, 8))], [np.zeros((8, 8), bool)])
+    assert res["n"] == 0 and res["n_skipped"] == 1 and res["pointing_game"] is None and res["mass_inside_ci95"] is None
+
+
+def test_right_and_wrong_picks_half_of_each_where_possible():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.55, 0.45]])
+    targs = torch.tensor([0, 0, 1, 0, 1])  # right: 0, 1, 2; wrong: 3, 4
+    assert _right_and_wrong(probs, targs, 4) == [0, 2, 3, 4]  # most confident first within each
+    assert _right_and_wrong(probs, targs, 8) == [0, 2, 1, 3, 4]  # fewer than asked: all of them
+    assert _right_and_wrong(probs, torch.tensor([0, 0, 1, 1, 0]), 4) == [0, 2, 3, 1]  # no wrong ones: all right
+
+
+# ---------------------------------------------------------------- on the demo export
+
+
+@pytest.fixture(scope="module")
+def cnn_learner(demo_dls):
+    from fracture_fastai.models import create_learner
+    return create_learner("cnn", demo_dls, pretrained="none")
+
+
+def test_score_localisation_on_the_demo_valid_and_test_sets(cnn_learner, demo_dls):
+    res = score_localisation(cnn_learner, bs=8)
+    valid = demo_dls.valid.items
+    assert res["target"] == "predicted" and res["n"] == sum(bool(p) for p in valid.polygons) == 12
+    assert {"n", "n_skipped", "pointing_game", "pointing_game_ci95", "mass_inside", "mass_inside_ci95",
+            "tolerance", "tolerance_px"} <= set(res)
+    assert 0 <= res["pointing_game_ci95"][0] <= res["pointing_game"] <= res["pointing_game_ci95"][1] <= 1
+    assert 0 <= res["mass_inside_ci95"][0] <= res["mass_inside"] <= res["mass_inside_ci95"][1] <= 1
+    assert res["tolerance_px"] == pytest.approx(0.04 * 64)
+    assert score_localisation(cnn_learner, demo_dls[2], bs=16)["n"] == len(demo_dls[2].items) == 12
+
+
+def test_gradcam_grid_writes_a_png(cnn_learner, tmp_path):
+    path = gradcam_grid(cnn_learner, tmp_path / "gradcam.png", n=4)
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cam_export(demo_export, tmp_path_factory):
+    "(export.pkl of an untrained cnn at 32 px, folder of 3 demo images + a corrupt one)."
+    from fracture_fastai.data import load_table, radiograph_dataloaders
+    from fracture_fastai.models import create_learner
+    root = tmp_path_factory.mktemp("cam")
+    learn = create_learner("cnn", radiograph_dataloaders(load_table(demo_export), size=32, bs=4, device="cpu"),
+                           pretrained="none")
+    learn.export(root / "export.pkl")
+    images = root / "images"
+    (images / "nested").mkdir(parents=True)
+    for i, src in enumerate(sorted((demo_export / "valid" / "images").iterdir())[:3]):
+        (images / ("nested" if i == 2 else "") / src.name).write_bytes(src.read_bytes())
+    (images / "corrupt.png").write_bytes(b"\x89PNG not really")
+    return root / "export.pkl", images
+
+
+def test_cli_writes_one_overlay_per_image_and_skips_the_corrupt_one(cam_export, tmp_path):
+    export, images = cam_export
+    out = tmp_path / "cams"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.cam", str(export), str(images), "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 1, res.stderr[-2000:]
+    written = sorted(out.iterdir())
+    assert len(written) == 3 and all(p.name.endswith("_gradcam.png") for p in written)
+    assert sorted(res.stdout.split()) == sorted(map(str, written))
+    assert "corrupt.png: cannot read image" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_user_errors_are_one_line(cam_export, tmp_path, capsys):
+    export, images = cam_export
+    for argv, message in [([str(tmp_path / "missing.pkl"), str(images)], "no such file"),
+                          ([str(export), str(images), "--target", "kneecap"], "unknown class 'kneecap'"),
+                          ([str(export), str(tmp_path / "nothing")], "no images found")]:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1] and err[-1].startswith("error: ")
