@@ -123,7 +123,7 @@ def gradcam(
     x: torch.Tensor,  # a batch of images, normalised as the Learner's DataLoaders give them
     target=None,  # None: each image's predicted class; else a class (name or index) or one per image
 ) -> torch.Tensor:  # (bs, H, W) at the input resolution, each map scaled to a peak of 1 (all 0 without evidence)
-    "Grad-CAM maps of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
+    "Grad-CAM of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
     # Works on frozen bodies and leaves the model as found: training mode restored, requires_grad never changed.
     return _gradcam(learn, x, target)[0]
 
@@ -182,7 +182,9 @@ def _show(ax, image, cam=None, alpha: float = 0.5):
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
     if cam is not None:
         cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-        ax.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+        # The extent pins the map onto the image's pixels even if their resolutions differ.
+        ax.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                  extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
     ax.axis("off")
 
 
@@ -268,7 +270,7 @@ def _out_wh(size) -> tuple:
 
 
 def _resize_window(orig_size, size, method: str = "pad") -> tuple:
-    "`(tl, crop)`: the window (top-left, (w, h)) of the original image that fastai's validation-time Resize scales to `size`."
+    "`(tl, crop)`: the window (top-left, (w, h)) of the original that fastai's validation Resize scales to `size`."
     if method not in RESIZE_METHODS:
         raise UserError(f"resize method must be one of {', '.join(RESIZE_METHODS)}; got {method!r}")
     w, h = orig_size
@@ -288,7 +290,7 @@ def polygon_to_input(
     size,  # the Resize size: an int side, or (h, w)
     method: str = "pad",  # the Resize method: 'pad' (this package's), 'crop' or 'squish'
 ) -> list:
-    "The polygons in model-input pixels (x right, y down, 0..W on pixel edges), mapped as fastai's validation Resize maps the image."
+    "The polygons in model-input pixels (x right, y down, 0..W on pixel edges), moved as the validation Resize moves pixels."
     (tl_x, tl_y), (crop_w, crop_h) = _resize_window(orig_size, size, method)
     w, h = orig_size
     out_w, out_h = _out_wh(size)
@@ -344,7 +346,8 @@ def _aggregate(hits: list, masses: list, n_skipped: int, tolerance: float, toler
 
 def _check_tolerance(tolerance):
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise UserError(f"tolerance must be a share of the input side in [0, 1) (e.g. {DEFAULT_TOLERANCE}); got {tolerance!r}")
+        raise UserError(f"tolerance must be a share of the input side in [0, 1) (e.g. {DEFAULT_TOLERANCE}); "
+                        f"got {tolerance!r}")
     return float(tolerance)
 
 
@@ -386,11 +389,11 @@ def _has_polygons(polygons) -> bool:
 
 def score_localisation(
     learn,  # a trained Learner (model[0] body, model[1] head)
-    dl=None,  # a validation or test DataLoader whose `.items` DataFrame has `file` and `polygons`; default `learn.dls.valid`
+    dl=None,  # a validation or test DataLoader over a table with `file` and `polygons`; default `learn.dls.valid`
     bs: int = 16,  # images per Grad-CAM pass
     tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
 ) -> dict:
-    "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (mapped through the Resize)."
+    "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
     from PIL import Image
     tolerance = _check_tolerance(tolerance)
@@ -400,12 +403,12 @@ def score_localisation(
         raise UserError("localisation needs a DataLoader over a table with 'file' and 'polygons' columns "
                         "(fracture_fastai.data.radiograph_dataloaders builds one)")
     if getattr(dl.dataset, "split_idx", None) == 0:
-        raise UserError("localisation needs a validation or test DataLoader: the training one crops and augments at random")
+        raise UserError("localisation needs a validation or test DataLoader: the training one pads and augments at random")
     resize = _find_resize(dl)
     size = (resize.size[1], resize.size[0])  # Resize keeps (w, h); polygon_to_input takes (h, w) like Resize's argument
     # Iterated by index, not by `dl`, so each map meets its own row whatever the sampler; unannotated rows cost nothing.
     idxs = [i for i, polygons in enumerate(items.polygons) if _has_polygons(polygons)]
-    hits, masses, tolerance_px = [], [], None
+    hits, masses, tolerance_px, skipped = [], [], None, len(items) - len(idxs)
     for start in range(0, len(idxs), bs):
         chunk = idxs[start:start + bs]
         cams = _gradcam(learn, _batch(dl, chunk)[0])[0].numpy()
@@ -413,11 +416,14 @@ def score_localisation(
             row = items.iloc[i]
             with Image.open(row.file) as img: orig_size = img.size  # the header alone: no pixels decoded
             mask = polygon_mask(polygon_to_input(row.polygons, orig_size, size, str(resize.method)), size)
+            if not mask.any():  # every polygon fell outside the input (a bad annotation): nothing to point at
+                skipped += 1
+                continue
             tolerance_px = tolerance * max(cam.shape)
             hit, mass = _image_scores(cam, mask, tolerance_px)
             hits.append(hit)
             masses.append(mass)
-    return {**_aggregate(hits, masses, len(items) - len(idxs), tolerance, tolerance_px), "target": "predicted"}
+    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px), "target": "predicted"}
 
 
 # ---------------------------------------------------------------- command line

@@ -16,7 +16,7 @@ import pandas as pd
 from .errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
-           "read_folders", "read_csv", "load_table", "grouped_split", "sample_per_class", "class_weights", "save_batch",
+           "read_folders", "read_csv", "load_table", "drop_unreadable", "grouped_split", "sample_per_class", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -250,8 +250,32 @@ def grouped_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> p
     return df
 
 
+def drop_unreadable(table: DataTable) -> DataTable:
+    "Leave out (and count) files whose image header cannot be read, so one corrupt file cannot stop a run mid-epoch."
+    from PIL import Image, UnidentifiedImageError
+
+    def readable(f):
+        try:
+            with Image.open(f) as im:
+                return im.size[0] > 0 and im.size[1] > 0
+        except (OSError, UnidentifiedImageError, ValueError):
+            return False
+
+    ok = table.df.file.map(readable)
+    if (~ok).any():
+        table.skipped["unreadable image"] += int((~ok).sum())
+        table.df = table.df[ok].reset_index(drop=True)
+    if table.df.empty:
+        raise DataError("none of the images can be read; check that the files are images (jpg, png, ...)")
+    return table
+
+
 def load_table(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
-    "Whatever `path` is (YOLO export, folder tree, CSV), its table. A YOLO export without a val split gets one carved."
+    "Whatever `path` is (YOLO export, folder tree, CSV), its table of readable images. A missing valid split is carved."
+    return drop_unreadable(_read_any(path, valid_pct, seed))
+
+
+def _read_any(path, valid_pct: float, seed: int) -> DataTable:
     path = _check_dir(path)
     if path.is_file():
         if path.suffix.lower() in (".yaml", ".yml"):

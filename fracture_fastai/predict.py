@@ -5,7 +5,6 @@ Unreadable images are reported and skipped; the others are still predicted, in b
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -17,19 +16,7 @@ from .errors import UserError, cli_errors
 
 __all__ = ["load_export", "find_images", "predict_files", "main"]
 
-# Package modules whose classes (RadiographImage, RadiographPreprocess, model builders) export.pkl may reference.
-_PICKLED_MODULES = ("fracture_fastai.transforms", "fracture_fastai.models")
 _MAKE_EXPORT = "make one with python -m fracture_fastai.run"
-
-
-def _import_pickled_modules():
-    "Import the package modules that an export may reference, so unpickling finds their classes."
-    for name in _PICKLED_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # the module exists but one of its own imports is missing: a real problem
-                raise
 
 
 def load_export(
@@ -39,8 +26,8 @@ def load_export(
     path = Path(path)
     if not path.is_file():  # checked before importing fastai, which takes seconds
         raise UserError(f"cannot load {path}: no such file ({_MAKE_EXPORT})")
+    # pickle imports the package modules that export.pkl names (RadiographImage, RadiographPreprocess, ...) itself
     from fastai.learner import Learner, load_learner
-    _import_pickled_modules()
     try:
         with warnings.catch_warnings():
             # fastai warns on every load that pickle runs code; exports come from the user's own runs.

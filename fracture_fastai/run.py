@@ -104,9 +104,11 @@ def _write_json(obj, path: Path):
 
 
 def _train_and_evaluate(args, dls, out: Path, config: dict):
-    from .evaluate import evaluate_learner, interpretation_plots, plot_curves
-    from .train import radiograph_learner, train
     import pandas as pd
+
+    from .evaluate import evaluate_learner, interpretation_plots, plot_curves
+    from .report import write_report
+    from .train import radiograph_learner, train
 
     learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd, path=out)
     info = learn.weights_info
@@ -115,9 +117,9 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     _write_json(config, out / "config.json")
 
     start = time.time()
-    summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult, schedule=args.schedule,
-                    cycle_len=args.cycle_len, cycle_mult=args.cycle_mult, patience=args.patience,
-                    monitor=args.monitor, out_dir=out)
+    summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
+                    schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
+                    patience=args.patience, monitor=args.monitor, out_dir=out)
     plot_curves(pd.read_csv(out / "history.csv"), out / "curves.png")
 
     metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
@@ -131,6 +133,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                   finished=datetime.now().isoformat(timespec="seconds"))
     _write_json(config, out / "config.json")
+    write_report(out)
     return learn, metrics
 
 
@@ -163,6 +166,11 @@ def run(args: argparse.Namespace) -> Path:
     except BaseException as e:  # the folder says the run did not finish, and why
         config.update(status="failed", error=f"{type(e).__name__}: {e}")
         _write_json(config, out / "config.json")
+        try:  # a report of the failure helps; it must not hide the original error
+            from .report import write_report
+            write_report(out)
+        except Exception:
+            pass
         raise
     for split, m in metrics.items():
         if isinstance(m, dict):

@@ -102,6 +102,20 @@ def test_folder_tree_with_splits(tmp_path):
     assert table.skipped == {"not an image": 1}
 
 
+def test_corrupt_images_are_left_out_and_counted(tmp_path):
+    for cls in ("elbow", "wrist"):
+        for i in range(3):
+            _png(tmp_path / "train" / cls / f"{i}.png"); _png(tmp_path / "valid" / cls / f"{i}.png")
+    (tmp_path / "train" / "elbow" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    table = load_table(tmp_path)
+    assert table.skipped == {"unreadable image": 1}
+    assert table.counts()["train"] == {"elbow": 3, "wrist": 3}
+    for f in tmp_path.rglob("*.png"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of the images can be read"):
+        load_table(tmp_path)
+
+
 def test_flat_folder_tree_split_by_group(tmp_path):
     for cls in ("elbow", "wrist"):
         for i in range(10):

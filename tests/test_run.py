@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "lr_find.png", "curves.png", "confusion_matrix.png",
-             "top_losses.png", "export.pkl"}
+             "top_losses.png", "export.pkl", "report.html"}
 
 
 def _cli(*args, env=None, **kw):
