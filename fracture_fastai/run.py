@@ -106,6 +106,7 @@ def _write_json(obj, path: Path):
 def _train_and_evaluate(args, dls, out: Path, config: dict):
     import pandas as pd
 
+    from .cam import gradcam_grid, score_localisation
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves
     from .report import write_report
     from .train import radiograph_learner, train
@@ -124,10 +125,17 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
 
     metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
     if len(dls.loaders) > 2:
-        metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]
+        metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]  # dls[2]: the labelled test split
     metrics["tta"] = args.tta
+    # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports).
+    for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
+        if dl is not None and split in metrics:
+            scores = score_localisation(learn, dl)
+            if scores["n"]:
+                metrics[split]["localisation"] = scores
     _write_json(metrics, out / "metrics.json")
     interpretation_plots(learn, out)
+    gradcam_grid(learn, out / "gradcam.png")
 
     learn.export(out / "export.pkl")
     config.update(status="done", training=summary, seconds=round(time.time() - start, 1),

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "lr_find.png", "curves.png", "confusion_matrix.png",
-             "top_losses.png", "export.pkl", "report.html"}
+             "top_losses.png", "export.pkl", "report.html", "gradcam.png"}
 
 
 def _cli(*args, env=None, **kw):
@@ -39,6 +39,9 @@ def test_run_writes_every_file(real_run):
     assert len(valid["confusion_matrix"]) == 6 and set(valid["per_class"]) == set(config["data"]["classes"])
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 1 and history.valid_loss.notna().all()
+    loc = valid["localisation"]  # every labelled image of the export carries its fracture polygon
+    assert loc["n"] == 18 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
+    assert "report.html" in (out / "report.html").read_text() or "cnn" in (out / "report.html").read_text()
 
 
 def test_predict_on_the_export_in_a_fresh_process(real_run, yolo_export, tmp_path):
