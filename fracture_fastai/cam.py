@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -464,10 +463,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Command line: draw one Grad-CAM overlay per image, report failures; returns the exit code."
     args = _parser().parse_args(argv)
-    with warnings.catch_warnings():
-        # torch warns on import that fastai's jit-scripted activations use a deprecated API: noise in a tool's stderr.
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        return _cam_command(args)
+    return _cam_command(args)  # fracture_fastai/__init__ already mutes torch's jit deprecation noise
 
 
 def _readable_items(dl, idxs, files) -> tuple:

@@ -136,10 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Command line: predict, print or write the table, report failures; returns the exit code."
     args = _parser().parse_args(argv)
-    with warnings.catch_warnings():
-        # torch warns on import that fastai's jit-scripted activations use a deprecated API: noise in a tool's stderr.
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        return _predict_command(args)
+    return _predict_command(args)  # fracture_fastai/__init__ already mutes torch's jit deprecation noise
 
 
 def _predict_command(args) -> int:

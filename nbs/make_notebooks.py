@@ -93,6 +93,34 @@ if files is None:
 preds, failed = predict_files(learn, files)
 preds'''),
     ],
+    "02_compare.ipynb": [
+        ("md", "# 02 · Which architecture wins, and where do they look?\nA leaderboard over run folders (accuracy with "
+               "95 % CIs, macro-F1, pointing game against the annotated fractures, size, CPU speed) and a Grad-CAM gallery."),
+        ("code", SETUP),
+        ("code", '''from fracture_fastai.compare import collect_runs, leaderboard, to_markdown, write_leaderboard
+from fracture_fastai.run import parse_args, run
+
+# The seed's comparison: the custom CNN against ResNet-18, extended to any arch with runs in RUNS.
+if SMOKE:  # two tiny runs of our own, so the notebook has something to compare
+    for arch in ("cnn", "resnet18"):
+        out = RUNS / f"nb-02-{arch}-smoke"
+        if not (out / "metrics.json").exists():
+            argv = ["--arch", arch, "--pretrained", "none", "--sample", "2", "--size", "32", "--epochs", "1",
+                    "--bs", "4", "--no-tta", "--out", str(out)] + (["--data", str(DATA)] if DATA else [])
+            run(parse_args(argv))
+runs = collect_runs([RUNS])
+board = leaderboard(runs, n_images=4 if SMOKE else 16)
+print(to_markdown(board))'''),
+        ("code", '''paths = write_leaderboard(board, RUNS)
+from IPython.display import Image as Show, display
+display(Show(filename=str(paths[-1]), width=600))'''),
+        ("md", "## Grad-CAM gallery\nEach run's most confident right and wrong validation predictions, with the "
+               "heat map of the predicted class. The pointing-game column above says how often the map's peak falls on "
+               "the annotated fracture."),
+        ("code", '''for run_dir in runs:
+    if (run_dir / "gradcam.png").exists():
+        print(run_dir.name); display(Show(filename=str(run_dir / "gradcam.png"), width=900))'''),
+    ],
 }
 
 

@@ -10,7 +10,7 @@ NOTEBOOKS = sorted(NBS.glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {"00_data.ipynb", "01_train.ipynb"} <= {p.name for p in NOTEBOOKS}
+    assert {"00_data.ipynb", "01_train.ipynb", "02_compare.ipynb"} <= {p.name for p in NOTEBOOKS}
 
 
 def test_notebooks_are_committed_without_outputs():
