@@ -272,7 +272,19 @@ def drop_unreadable(table: DataTable) -> DataTable:
 
 def load_table(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
     "Whatever `path` is (YOLO export, folder tree, CSV), its table of readable images. A missing valid split is carved."
-    return drop_unreadable(_read_any(path, valid_pct, seed))
+    table = drop_unreadable(_read_any(path, valid_pct, seed))
+    _note_shared_groups(table)
+    return table
+
+
+def _note_shared_groups(table: DataTable):
+    "Say so where the splits a dataset ships with share source radiographs: its validation score is then optimistic."
+    groups = {split: set(table.df.group[table.df.split == split]) for split in SPLITS}
+    for split in ("valid", "test"):
+        shared = groups["train"] & groups[split]
+        if shared:
+            table.notes.append(f"{len(shared)} of {len(groups[split])} {split} radiographs share a source name with "
+                               f"train images (as the dataset ships); {split} accuracy may be optimistic")
 
 
 def _read_any(path, valid_pct: float, seed: int) -> DataTable:

@@ -180,6 +180,13 @@ def test_real_export_counts(yolo_export):
     assert all(len(p) >= 1 for p in table.df.polygons)  # every labelled image carries its fracture polygon
 
 
+def test_real_export_notes_radiographs_shared_across_shipped_splits(yolo_export):
+    table = load_table(yolo_export)
+    df = table.df
+    shared = set(df[df.split == "train"].group) & set(df[df.split == "valid"].group)
+    assert shared and any(f"{len(shared)} of" in n and "valid accuracy may be optimistic" in n for n in table.notes)
+
+
 def test_real_export_cli_json(yolo_export):
     res = subprocess.run([sys.executable, "-m", "fracture_fastai.dataset", str(yolo_export), "--json"],
                          capture_output=True, text=True, check=True)
