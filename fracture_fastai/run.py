@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
     g.add_argument("--monitor", choices=["valid_loss", "accuracy"], default="valid_loss", help="what picks the best epoch")
     g.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (0 = off)")
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
     g.add_argument("--weights", default=None, help="a state_dict file of ImageNet weights for --arch")
@@ -111,7 +112,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     from .report import write_report
     from .train import radiograph_learner, train
 
-    learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd, path=out)
+    learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
+                               label_smoothing=args.label_smoothing, path=out)
     info = learn.weights_info
     print(f"weights: {info.note}", flush=True)
     config.update(weights=info.source, fp16=learn.fp16)
@@ -137,7 +139,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     interpretation_plots(learn, out)
     gradcam_grid(learn, out / "gradcam.png")
 
-    learn.export(out / "export.pkl")
+    learn.export(out.resolve() / "export.pkl")  # absolute: fastai joins a relative name onto learn.path
     config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                   finished=datetime.now().isoformat(timespec="seconds"))
     _write_json(config, out / "config.json")

@@ -12,7 +12,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, combine_scheds
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
-from fastai.losses import CrossEntropyLossFlat
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import F1Score, accuracy
 from fastai.optimizer import Adam
 from fastai.learner import noop  # fastai's own noop (not fastcore's), the one no_logging installs
@@ -35,13 +35,19 @@ def radiograph_learner(
     arch: str,  # a name from `list_archs()`
     dls,  # DataLoaders from `radiograph_dataloaders`
     wd: float = 1e-2,  # decoupled weight decay (AdamW)
+    label_smoothing: float = 0.0,  # spread this much target probability over the other classes; 0 = plain cross-entropy
     fp16: bool | None = None,  # mixed precision; None: on exactly when training on CUDA
     **kwargs,
 ):
     "A Learner for `arch` with AdamW, accuracy and macro-F1, class-weighted loss when `dls.balance == 'weights'`."
     weights = class_weights(dls).to(dls.device) if getattr(dls, "balance", "none") == "weights" else None
+    if not 0 <= label_smoothing < 1:
+        raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    # Label smoothing keeps a model from betting everything on a label that may be wrong (a few per cent here are).
+    loss = (LabelSmoothingCrossEntropyFlat(eps=label_smoothing, weight=weights) if label_smoothing
+            else CrossEntropyLossFlat(weight=weights))
     # fastai's Adam decouples weight decay by default: this is AdamW.
-    learn = create_learner(arch, dls, loss_func=CrossEntropyLossFlat(weight=weights), opt_func=Adam, wd=wd,
+    learn = create_learner(arch, dls, loss_func=loss, opt_func=Adam, wd=wd,
                            metrics=[accuracy, F1Score(average="macro")], **kwargs)
     if fp16 is None:
         fp16 = torch.cuda.is_available() and getattr(dls.device, "type", str(dls.device)) == "cuda"

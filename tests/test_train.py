@@ -29,6 +29,11 @@ def test_learner_has_adamw_metrics_and_weighted_loss(demo_export):
     assert learn.fp16 is False  # CPU: fp32
     plain = radiograph_learner("cnn", radiograph_dataloaders(load_table(demo_export), size=32, bs=8, device="cpu"))
     assert plain.loss_func.func.weight is None
+    smooth = radiograph_learner("cnn", dls, label_smoothing=0.1)
+    assert type(smooth.loss_func.func).__name__ == "LabelSmoothingCrossEntropy" and smooth.loss_func.func.eps == 0.1
+    assert smooth.loss_func.func.weight is not None  # class weights and smoothing combine
+    with pytest.raises(UserError, match="label_smoothing"):
+        radiograph_learner("cnn", dls, label_smoothing=1.5)
 
 
 def test_warm_restarts_restart_the_learning_rate(demo_dls):
