@@ -64,9 +64,11 @@ def test_existing_run_folder_is_never_overwritten(real_run):
 
 def test_demo_run_is_synthetic_and_says_so(tmp_path):
     out = tmp_path / "demo-run"
+    # a relative --out, from another working directory: every file still lands in the run folder
     res = _cli("fracture_fastai.run", "--arch", "cnn", "--sample", "2", "--size", "32", "--epochs", "1", "--bs", "4",
-               "--no-tta", "--out", str(out), env={"FRACTURE_FASTAI_HOME": str(tmp_path / "home")})
+               "--no-tta", "--out", "demo-run", env={"FRACTURE_FASTAI_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
     assert "SYNTHETIC" in res.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["synthetic_demo"] is True and "test" in json.loads((out / "metrics.json").read_text())
