@@ -191,7 +191,6 @@ def run(args: argparse.Namespace) -> Path:
 
 @cli_errors
 def main(argv=None):
-    # No 47-second hub retries when offline: the weight resolver decides quickly and says so.
     args = parse_args(argv)
     out = run(args)
     print(out)
