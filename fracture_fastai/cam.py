@@ -443,16 +443,14 @@ def _output_names(files) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .data import IMAGE_EXTS
+    from .predict import add_export_and_images
     p = argparse.ArgumentParser(
         prog="python -m fracture_fastai.cam",
         description="Grad-CAM overlays of radiographs with an exported fastai Learner (export.pkl from "
                     "python -m fracture_fastai.run): one PNG per image in --out, its path printed.",
         epilog="Exit code: 0 all images drawn, 1 some could not be read or found, 2 usage error. "
                "export.pkl is a pickle: load only exports you trust.")
-    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
+    add_export_and_images(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays (<image stem>_gradcam.png)")
     p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
@@ -463,7 +461,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Command line: draw one Grad-CAM overlay per image, report failures; returns the exit code."
     args = _parser().parse_args(argv)
-    return _cam_command(args)  # fracture_fastai/__init__ already mutes torch's jit deprecation noise
+    return _cam_command(args)
 
 
 def _readable_items(dl, idxs, files) -> tuple:

@@ -116,6 +116,13 @@ def predict_files(
     return table, failures
 
 
+def add_export_and_images(p: argparse.ArgumentParser):
+    "The arguments every export-using command takes: the export, then images or folders."
+    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fracture_fastai.predict",
@@ -123,9 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                     "python -m fracture_fastai.run). Prints file<TAB>class<TAB>probability per image, or writes a CSV.",
         epilog="Exit code: 0 all images predicted, 1 some could not be read or found, 2 usage error. "
                "export.pkl is a pickle: load only exports you trust.")
-    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
+    add_export_and_images(p)
     p.add_argument("--csv", metavar="FILE", help="write file,class,probability,<one column per class> to FILE instead of printing")
     p.add_argument("--tta", action="store_true", help="average over test-time augmentation (slower, often a little better)")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
@@ -136,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Command line: predict, print or write the table, report failures; returns the exit code."
     args = _parser().parse_args(argv)
-    return _predict_command(args)  # fracture_fastai/__init__ already mutes torch's jit deprecation noise
+    return _predict_command(args)
 
 
 def _predict_command(args) -> int:
