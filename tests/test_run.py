@@ -41,7 +41,8 @@ def test_run_writes_every_file(real_run):
     assert len(history) == 1 and history.valid_loss.notna().all()
     loc = valid["localisation"]  # every labelled image of the export carries its fracture polygon
     assert loc["n"] == 18 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
-    assert "report.html" in (out / "report.html").read_text() or "cnn" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "cnn" in report and report.count("data:image/png;base64,") == len(list(out.glob("*.png")))
 
 
 def test_predict_on_the_export_in_a_fresh_process(real_run, yolo_export, tmp_path):
