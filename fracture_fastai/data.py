@@ -159,9 +159,9 @@ def read_yolo(path) -> DataTable:
 
 def _resolve_split_dir(root: Path, yaml_dir: Path, entry: str):
     "data.yaml's `train: ../train/images` style entries, tried against the yaml's folder when `path:` points nowhere."
-    candidates = [root / entry, yaml_dir / entry, yaml_dir / entry.lstrip("./")]
-    # Roboflow writes '../train/images' relative to a folder one level down.
-    candidates += [yaml_dir / Path(*Path(entry).parts[1:])] if entry.startswith("..") else []
+    # Roboflow writes '../train/images' relative to a folder one level down: try it without the '..' too.
+    inside = Path(*[p for p in Path(entry).parts if p not in ("..", ".")] or ["."])
+    candidates = [root / entry, yaml_dir / entry, yaml_dir / inside]
     for cand in candidates:
         if cand.is_dir():
             return cand

@@ -248,5 +248,7 @@ def write_json(
         raise TypeError(f"{type(o).__name__} is not JSON serialisable")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_plain) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n", encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a file, even if the run is killed mid-write
     return path

@@ -3,13 +3,13 @@ all written to one new run folder whose path is the last line printed."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from datetime import datetime
 from pathlib import Path
 
 from .errors import ArchError, UserError, cli_errors
+from .evaluate import write_json
 
 __all__ = ["main", "parse_args", "run", "new_run_dir"]
 
@@ -98,12 +98,6 @@ def _versions() -> dict:
             "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
 
 
-def _write_json(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 def _train_and_evaluate(args, dls, out: Path, config: dict):
     import pandas as pd
 
@@ -117,7 +111,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
     info = learn.weights_info
     print(f"weights: {info.note}", flush=True)
     config.update(weights=info.source, fp16=learn.fp16)
-    _write_json(config, out / "config.json")
+    write_json(config, out / "config.json")
 
     start = time.time()
     summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
@@ -135,14 +129,14 @@ def _train_and_evaluate(args, dls, out: Path, config: dict):
             scores = score_localisation(learn, dl)
             if scores["n"]:
                 metrics[split]["localisation"] = scores
-    _write_json(metrics, out / "metrics.json")
+    write_json(metrics, out / "metrics.json")
     interpretation_plots(learn, out)
     gradcam_grid(learn, out / "gradcam.png")
 
     learn.export(out.resolve() / "export.pkl")  # absolute: fastai joins a relative name onto learn.path
     config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                   finished=datetime.now().isoformat(timespec="seconds"))
-    _write_json(config, out / "config.json")
+    write_json(config, out / "config.json")
     write_report(out)
     return learn, metrics
 
@@ -170,12 +164,12 @@ def run(args: argparse.Namespace) -> Path:
               "classes": list(dls.vocab)},
               "versions": _versions(), "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds"),
               "status": "running"}
-    _write_json(config, out / "config.json")
+    write_json(config, out / "config.json")
     try:
         learn, metrics = _train_and_evaluate(args, dls, out, config)
     except BaseException as e:  # the folder says the run did not finish, and why
         config.update(status="failed", error=f"{type(e).__name__}: {e}")
-        _write_json(config, out / "config.json")
+        write_json(config, out / "config.json")
         try:  # a report of the failure helps; it must not hide the original error
             from .report import write_report
             write_report(out)

@@ -69,7 +69,7 @@ class HistoryCallback(Callback):
 
     def after_epoch(self):
         rec = self.learn.recorder
-        names = [n for n in rec.metric_names[1:-1]]  # drop 'epoch' and 'time'
+        names = rec.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = rec.log[1:len(names) + 1]
         row = {"epoch": len(self.rows), "phase": self.phase}
         row.update({n: (float(v) if v is not None else None) for n, v in zip(names, values)})
@@ -114,7 +114,7 @@ def suggest_lr(learn, out_png=None, num_it: int = 50, lower: float = 1e-5, upper
         plt.close("all")
     lr = float(found.valley)
     # A short lr_find on a small dataset can point at the edge of the sweep; clipping keeps a run from diverging.
-    return lr if math.isfinite(lr) and lower <= lr <= upper else min(max(lr if math.isfinite(lr) else upper, lower), upper)
+    return min(max(lr, lower), upper) if math.isfinite(lr) else upper
 
 
 def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult: int = 1, cbs=None):
@@ -133,7 +133,7 @@ def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult
     learn.fit(epochs, cbs=ParamScheduler(scheds) + L(cbs))
 
 
-def _callbacks(out_dir, monitor: str, patience: int, history: HistoryCallback):
+def _callbacks(monitor: str, patience: int, history: HistoryCallback):
     # fastai picks the direction from the name: lower is better for a loss, higher for accuracy.
     cbs = [history, SaveModelCallback(monitor=monitor, fname="best", with_opt=False)]
     if patience:
@@ -182,7 +182,7 @@ def train(
     # fastai's fine_tune uses lr_mult=100; on timm archs (two layer groups) that leaves the whole body at lr/100,
     # too slow for ImageNet features to adapt to radiographs within a few epochs.
     lrs = slice(lr / lr_mult, lr) if pretrained else lr
-    cbs = _callbacks(out_dir, monitor, patience, history)
+    cbs = _callbacks(monitor, patience, history)
     if schedule == "one_cycle":
         kwargs = dict(pct_start=0.3, div=5.0) if pretrained else {}
         learn.fit_one_cycle(epochs, lrs, cbs=cbs, **kwargs)
