@@ -373,12 +373,14 @@ def localisation_scores(
 
 
 def _find_resize(dl):
-    "The fastai `Resize` among `dl`'s item transforms; a `UserError` when there is not exactly one."
+    "The fastai `Resize` that sizes `dl`'s inputs: an item transform, or inside a `RadiographLoader`; one, or a `UserError`."
     from fastai.vision.augment import Resize
+    type_tfms = [f for tl in getattr(dl.dataset, "tls", [])[:1] for f in tl.tfms.fs]
     found = [t for t in dl.after_item.fs if isinstance(t, Resize)]
+    found += [t.resize for t in type_tfms if isinstance(getattr(t, "resize", None), Resize)]
     if len(found) != 1:
         raise UserError(f"cannot map fracture polygons onto the model input: the DataLoader has {len(found)} fastai "
-                        "Resize item transforms, not one")
+                        "Resize transforms, not one")
     return found[0]
 
 

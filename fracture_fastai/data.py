@@ -5,6 +5,7 @@ is handled here; the rest of the package only sees the table.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,12 +18,13 @@ from .errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
            "read_folders", "read_csv", "load_table", "drop_unreadable", "grouped_split", "sample_per_class", "class_weights", "save_batch",
-           "radiograph_dataloaders", "BALANCE"]
+           "radiograph_dataloaders", "BALANCE", "COPIES", "default_workers", "RadiographDL"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "valid", "test")
 REGIONS = ("elbow", "fingers", "forearm", "humerus", "shoulder", "wrist")
 BALANCE = ("none", "oversample", "weights")
+COPIES = ("one", "all")  # per training epoch: one image of each source radiograph (group), or every image
 # Roboflow writes "valid", Ultralytics "val"; both mean the package's "valid".
 _SPLIT_ALIASES = {"train": "train", "val": "valid", "valid": "valid", "validation": "valid", "test": "test"}
 # Words that qualify a YOLO class name without naming the body region.
@@ -336,26 +338,88 @@ def class_weights(dls):
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
+def default_workers(device=None) -> int:
+    "DataLoader workers for training on `device` (None: CUDA when available): none on the CPU, up to 8 for a GPU."
+    import torch
+    try: cores = len(os.sched_getaffinity(0))
+    except AttributeError: cores = os.cpu_count() or 1
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    # On the CPU the model needs every core: measured on 2 cores, one worker made lr_find 4.7x slower (the model's
+    # OpenMP threads spin against the worker process), while the cached pipeline costs ~2 % of a training step.
+    # A GPU waits for its batches instead, so there the workers take every core but one.
+    return max(0, min(8, cores - 1)) if cuda else 0
+
+
+def _load_dl_class():
+    "`RadiographDL`, defined on first use so that importing this module does not import fastai."
+    global RadiographDL
+    if "RadiographDL" in globals(): return RadiographDL
+    from fastai.data.core import TfmdDL
+    from fastcore.meta import delegates
+
+    @delegates()
+    class _RadiographDL(TfmdDL):
+        "Training DataLoader: each epoch one image per group (source radiograph), a different one each epoch, optionally class-weighted."
+        def __init__(self, dataset=None, bs=None,
+                     groups=None,  # group of each item; None: every item is its own group
+                     wgts=None,  # sampling weight of each item (oversampling); None: uniform
+                     **kwargs):
+            super().__init__(dataset=dataset, bs=bs, **kwargs)
+            self.members = None
+            if groups is not None:
+                codes = pd.factorize(pd.Series(groups))[0]
+                order = np.argsort(codes, kind="stable")
+                self.members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+                self.n = len(self.members)  # an epoch is one pass over the radiographs
+            self.wgts = None if wgts is None else np.asarray(wgts, dtype=float)
+
+        def get_idxs(self):
+            if not self.shuffle or (self.members is None and self.wgts is None): return super().get_idxs()
+            # self.rng is reseeded from the DataLoader's seeded rng every epoch: reproducible, and new each epoch.
+            if self.members is None: idxs = np.arange(len(self.dataset))
+            else: idxs = np.array([m[self.rng.randrange(len(m))] for m in self.members])
+            if self.wgts is None: return self.rng.sample(list(idxs), len(idxs))
+            p = self.wgts[idxs] / self.wgts[idxs].sum()
+            rng = np.random.default_rng(self.rng.randrange(2**32))
+            return list(rng.choice(idxs, size=len(idxs), p=p))
+
+    _RadiographDL.__name__ = _RadiographDL.__qualname__ = "RadiographDL"
+    RadiographDL = _RadiographDL
+    return RadiographDL
+
+
+def __getattr__(name):
+    # `data.RadiographDL` made on first access (pickle's lookup included), so importing data.py needs no fastai.
+    if name == "RadiographDL": return _load_dl_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def radiograph_dataloaders(
     table: DataTable,
     size: int = 224,  # side of the square (padded) model input
     bs: int = 32,  # batch size
     seed: int = 42,  # seeds the shuffling, the oversampling and the augmentation
-    num_workers: int = 0,  # DataLoader worker processes; 0 is fastest for small CPU runs
+    num_workers: int | None = None,  # DataLoader worker processes; None: `default_workers(device)`
     balance: str = "none",  # class imbalance: 'none', 'oversample' (weighted sampling) or 'weights' (loss weights)
     clahe: bool = True,  # CLAHE + median filter; False keeps only the grayscale conversion
     flip_vert: bool = False,  # add vertical flips to the augmentation
     augment: bool = True,  # fastai aug_transforms with radiograph defaults
     stats: tuple | None = None,  # normalisation (mean, std), e.g. `models.arch_stats(arch)`; None: ImageNet's
     device=None,  # None: fastai's default (CUDA when available)
+    copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
+    cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
     **preprocess,  # clahe_clip, clahe_grid, median, denoise for RadiographPreprocess
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
-    from fastai.vision.all import CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, Normalize, imagenet_stats, set_seed
-    from .transforms import RadiographImage, radiograph_aug_transforms, radiograph_item_tfms
+    from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, Normalize,
+                                   TransformBlock, imagenet_stats, set_seed)
+    from .cache import PreprocessCache, default_cache_dir
+    from .transforms import RadiographLoader, radiograph_aug_transforms
 
     if balance not in BALANCE:
         raise DataError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+    if copies not in COPIES:
+        raise DataError(f"copies must be one of {', '.join(COPIES)}; got {copies!r}")
     df = table.df
     items = df[df.split.isin(["train", "valid"])].reset_index(drop=True)
     for split in ("train", "valid"):
@@ -369,23 +433,31 @@ def radiograph_dataloaders(
     set_seed(seed, reproducible=True)
     stats = stats or imagenet_stats
     batch_tfms = radiograph_aug_transforms(flip_vert=flip_vert, stats=stats) if augment else [Normalize.from_stats(*stats)]
+    if cache is True: cache = PreprocessCache() if default_cache_dir() is not None else None
+    if not clahe: preprocess = {**preprocess, "clahe_clip": 0, "median": 0}
+    loader = RadiographLoader(size, cache=cache or None, **preprocess)
     block = DataBlock(
-        blocks=(ImageBlock(cls=RadiographImage), CategoryBlock(vocab=classes)),
+        blocks=(TransformBlock(type_tfms=loader, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=classes)),
         get_x=ColReader("file"),
         get_y=ColReader("label"),
         splitter=IndexSplitter(items.index[items.split == "valid"]),
-        item_tfms=radiograph_item_tfms(size, clahe=clahe, **preprocess),
         batch_tfms=batch_tfms,
     )
+    train = items[items.split == "train"]
+    grouped = copies == "one" and train.group.duplicated().any()  # only where some radiograph has several images
+    n_epoch = train.group.nunique() if grouped else len(train)
     # fastai drops the last partial training batch: a train set smaller than `bs` would give no batch at all.
-    bs = max(1, min(bs, int((items.split == "train").sum())))
-    kwargs = dict(bs=bs, num_workers=num_workers, device=device)
+    bs = max(1, min(bs, n_epoch))
+    train_kwargs = {"groups": train.group.to_numpy()} if grouped else {}
     if balance == "oversample":
-        # Each class drawn equally often: weight = 1 / class frequency, over the whole item list (fastai picks train's).
-        freq = items.label.map(items[items.split == "train"].label.value_counts())
-        dls = block.weighted_dataloaders(items, wgts=(1.0 / freq).to_numpy(), **kwargs)
-    else:
-        dls = block.dataloaders(items, **kwargs)
+        # Each class drawn equally often: weight = 1 / class frequency (of radiographs, when drawing one per group).
+        counts = (train.drop_duplicates("group") if grouped else train).label.value_counts()
+        train_kwargs["wgts"] = (1.0 / train.label.map(counts)).to_numpy()
+    num_workers = default_workers(device) if num_workers is None else num_workers
+    # Persistent workers: lr_find and short epochs would otherwise fork a new worker for every epoch.
+    dls = block.datasets(items).dataloaders(
+        bs=bs, num_workers=num_workers, persistent_workers=num_workers > 0, device=device,
+        dl_type=_load_dl_class(), dl_kwargs=[train_kwargs, {}], after_batch=block.batch_tfms, after_item=block.item_tfms)
     test = df[df.split == "test"]
     if len(test):
         unknown = sorted(set(test.label) - set(classes))

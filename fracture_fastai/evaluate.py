@@ -20,7 +20,7 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["accuracy_ci", "classification_metrics", "evaluate_learner", "interpretation", "plot_confusion_matrix",
+__all__ = ["TTA", "prefetched", "predict_probs", "accuracy_ci", "classification_metrics", "evaluate_learner", "interpretation", "plot_confusion_matrix",
            "plot_top_losses", "interpretation_plots", "plot_curves", "write_json"]
 
 
@@ -113,23 +113,65 @@ def _labelled_dl(learn, dl=None):
     return dl
 
 
+TTA = ("flip", "aug", "none")
+
+
+def prefetched(dl):
+    "The batches of `dl`, each made in a background thread while the caller works on the one before."
+    # Decoding and preprocessing (Pillow, OpenCV) and the model (torch) release the GIL, so two threads overlap them
+    # without a worker process, which on a small CPU fights the model's own threads for the cores.
+    from concurrent.futures import ThreadPoolExecutor
+    batches = iter(dl)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(next, batches, None)
+        while (batch := upcoming.result()) is not None:
+            upcoming = pool.submit(next, batches, None)
+            yield batch
+
+
+def predict_probs(
+    learn,  # a Learner for single-label classification
+    dl,  # a DataLoader of its inputs, labelled or not
+    tta: str = "none",  # 'none', 'flip' (each image and its mirror) or 'aug' (fastai's `learn.tta`)
+) -> tuple:
+    "`(probs, targets)`: class probabilities of every item of `dl` (targets None when it has no labels), in order."
+    import torch
+    if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
+    if tta == "aug":
+        import fastai.callback.progress  # noqa: F401  (Learner.no_bar, which a freshly loaded export may lack)
+        with learn.no_logging(), learn.no_bar():
+            return learn.tta(dl=dl)
+    activation = getattr(learn.loss_func, "activation", None) or (lambda o: o.softmax(dim=-1))
+    model = learn.model.eval()
+    probs, targets = [], []
+    # A plain loop, not get_preds: the batch is made while the model works on the one before (see `prefetched`).
+    with torch.no_grad():
+        for xb, *yb in prefetched(dl):
+            p = activation(model(xb)).float()
+            if tta == "flip": p = (p + activation(model(xb.flip(-1))).float()) / 2
+            probs.append(p)
+            targets += yb[:1]
+    if not probs: return torch.zeros(0, learn.dls.c), None
+    return torch.cat(probs), (torch.cat(targets) if targets else None)
+
+
 def evaluate_learner(
     learn,  # a trained fastai Learner for single-label classification
     dl=None,  # a labelled DataLoader (e.g. `learn.dls.test_dl(items, with_labels=True)`); None: the validation set
-    tta: bool = False,  # average predictions over test-time augmentation (`learn.tta`)
+    tta="none",  # test-time augmentation: 'flip' (image and mirror, 2 passes), 'aug' (fastai's `learn.tta`, 5), 'none'
 ) -> tuple:
     "`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta`, and the class probabilities."
+    tta = {True: "aug", False: "none", None: "none"}.get(tta, tta)
+    if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     dl = _labelled_dl(learn, dl)
     loss = None
-    if tta:
-        # learn.tta averages probabilities, not logits; the loss function's value on them is not defined.
-        with learn.no_logging(), learn.no_bar():  # tta fires before_fit/after_fit: keep its stats out of the log
-            probs, targets = learn.tta(dl=dl)
-    else:
+    if tta == "none":
         probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
         loss = float(losses.mean())
+    else:  # averaged probabilities: the loss function's value on them is not defined
+        probs, targets = predict_probs(learn, dl, tta)
     metrics = classification_metrics(targets, probs.argmax(dim=1), learn.dls.vocab)
-    metrics.update(loss=loss, tta=bool(tta))
+    metrics.update(loss=loss, tta=tta)
     return metrics, probs, targets
 
 

@@ -59,12 +59,10 @@ def find_images(
     return list(dict.fromkeys(files)), missing
 
 
-def _probs(learn, files, bs: int, tta: bool = False):
+def _probs(learn, files, bs: int, tta: str = "none"):
     "Class probabilities of `files` (str paths), one batched pass."
-    dl = learn.dls.test_dl(files, bs=bs)
-    with learn.no_bar():  # a console progress bar would land in the stdout table
-        probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
-    return probs
+    from .evaluate import predict_probs
+    return predict_probs(learn, learn.dls.test_dl(files, bs=bs), tta)[0]
 
 
 def _readable(learn, files) -> tuple:
@@ -84,7 +82,7 @@ def predict_files(
     learn,  # a Learner (e.g. from `load_export`) for single-label classification
     files,  # image paths
     bs: int = 16,  # batch size
-    tta: bool = False,  # average predictions over test-time augmentation
+    tta: str = "none",  # test-time augmentation: 'none', 'flip' (image and mirror) or 'aug' (fastai's tta)
     chunk: int = 256,  # images per batched pass; a pass that hits a bad image is redone without it
 ) -> tuple:
     "`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped."
@@ -132,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                "export.pkl is a pickle: load only exports you trust.")
     add_export_and_images(p)
     p.add_argument("--csv", metavar="FILE", help="write file,class,probability,<one column per class> to FILE instead of printing")
-    p.add_argument("--tta", action="store_true", help="average over test-time augmentation (slower, often a little better)")
+    p.add_argument("--tta", nargs="?", choices=["none", "flip", "aug"], default="none", const="flip",
+                   help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means) or aug "
+                        "(fastai's tta, 5 passes)")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
     return p
 

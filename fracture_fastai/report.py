@@ -122,7 +122,7 @@ def _splits_table(splits: dict) -> str:
 def _config_section(config: dict) -> str:
     "Weights, options, data summary, training summary and versions."
     parts = ["<h2>Configuration</h2>"]
-    run_facts = {k: config[k] for k in ("weights", "fp16", "device", "seconds") if k in config}
+    run_facts = {k: config[k] for k in ("weights", "precision", "device", "seconds") if k in config}
     if run_facts:
         parts.append(_kv_table(run_facts))
     if config.get("options"):

@@ -21,6 +21,15 @@ def _archs():
     return list_archs()
 
 
+def _lr(text: str):
+    "--lr: a positive number, or 'find'."
+    if text == "find": return text
+    try: lr = float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number or 'find', got {text!r}") from None
+    if not lr > 0 or lr == float("inf"): raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return lr
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     archs = _archs()
     p = argparse.ArgumentParser(
@@ -33,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=10, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate; default: lr_find's suggestion")
+    g.add_argument("--lr", type=_lr, default=None,
+                   help="peak learning rate, or 'find' for lr_find's suggestion; default: 2e-3 (fastai's fine_tune) "
+                        "for pretrained archs, 'find' for those trained from scratch")
     g.add_argument("--lr-mult", type=float, default=10, help="pretrained archs: head lr / first body group's lr")
     g.add_argument("--schedule", choices=["one_cycle", "sgdr"], default="one_cycle",
                    help="one-cycle, or cosine annealing with warm restarts")
@@ -46,18 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
     g.add_argument("--weights", default=None, help="a state_dict file of ImageNet weights for --arch")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: fp16 on a CUDA GPU, bf16 on a CPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=42)
     d = p.add_argument_group("data")
     d.add_argument("--size", type=int, default=None, help=f"square input size in px; default 224, {DEMO_SIZE} on the demo")
+    d.add_argument("--min-size", type=int, default=128,
+                   help="progressive resizing: the first epochs train at this size, ramping up to --size; 0 = off")
     d.add_argument("--bs", type=int, default=32, help="batch size")
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
     d.add_argument("--no-clahe", action="store_true", help="skip CLAHE and the median filter")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
     d.add_argument("--sample", type=int, default=None, metavar="N", help="at most N images per class per split (quick runs)")
     d.add_argument("--valid-pct", type=float, default=0.2, help="share held out when the data has no validation split")
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    d.add_argument("--copies", choices=["one", "all"], default="one",
+                   help="per epoch: one image of each source radiograph (a different one each epoch), or all its copies")
+    d.add_argument("--num-workers", type=int, default=None, help="DataLoader workers; default: from the CPU cores")
+    d.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep preprocessed images in the user cache folder (python -m fracture_fastai.cache)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time augmentation in the metrics")
+    e.add_argument("--tta", choices=["flip", "aug", "none"], default="flip",
+                   help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
+    e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     args = p.parse_args(argv)
     if args.arch not in archs:
         raise ArchError(f"unknown architecture {args.arch!r}; choose one of: {', '.join(archs)}")
@@ -68,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--size must be at least 32 px, got {args.size}")
     if args.sample is not None and args.sample < 1:
         raise UserError(f"--sample must be at least 1, got {args.sample}")
+    if args.min_size < 0 or 0 < args.min_size < 32:
+        raise UserError(f"--min-size must be 0 (off) or at least 32 px, got {args.min_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
     return args
 
 
@@ -98,46 +123,69 @@ def _versions() -> dict:
             "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
 
 
-def _train_and_evaluate(args, dls, out: Path, config: dict):
+class Phases(dict):
+    "Seconds spent in each named phase of a run, in order; `with phases('name'):` times one."
+    def __call__(self, name: str):
+        from contextlib import contextmanager
+        @contextmanager
+        def _timed():
+            start = time.perf_counter()
+            try: yield
+            finally: self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 2)
+        return _timed()
+
+
+def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     import pandas as pd
 
     from .cam import gradcam_grid, score_localisation
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves
     from .report import write_report
-    from .train import radiograph_learner, train
+    from .train import export_learner, radiograph_learner, train
 
-    learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
-                               label_smoothing=args.label_smoothing, path=out)
+    with phases("learner"):
+        learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
+                                   label_smoothing=args.label_smoothing, precision=args.precision, path=out)
     info = learn.weights_info
-    print(f"weights: {info.note}", flush=True)
-    config.update(weights=info.source, fp16=learn.fp16)
+    print(f"weights: {info.note}; precision: {learn.precision}", flush=True)
+    config.update(weights=info.source, precision=learn.precision)
     write_json(config, out / "config.json")
 
     start = time.time()
-    summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
-                    schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
-                    patience=args.patience, monitor=args.monitor, out_dir=out)
-    plot_curves(pd.read_csv(out / "history.csv"), out / "curves.png")
-
-    metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
-    if len(dls.loaders) > 2:
-        metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]  # dls[2]: the labelled test split
-    metrics["tta"] = args.tta
+    with phases("train"):
+        summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
+                        schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
+                        patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size)
+    history = pd.read_csv(out / "history.csv")
+    phases["lr_find"] = summary["lr_find_seconds"]
+    phases["epochs"] = [float(x) for x in history.seconds]
+    with phases("evaluate"):
+        metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
+        if len(dls.loaders) > 2:
+            metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]  # dls[2]: the labelled test split
+        metrics["tta"] = args.tta
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports).
-    for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
-        if dl is not None and split in metrics:
-            scores = score_localisation(learn, dl)
-            if scores["n"]:
-                metrics[split]["localisation"] = scores
+    with phases("localisation"):
+        for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
+            if dl is not None and split in metrics:
+                scores = score_localisation(learn, dl)
+                if scores["n"]:
+                    metrics[split]["localisation"] = scores
     write_json(metrics, out / "metrics.json")
-    interpretation_plots(learn, out)
-    gradcam_grid(learn, out / "gradcam.png")
-
-    learn.export(out.resolve() / "export.pkl")  # absolute: fastai joins a relative name onto learn.path
-    config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
-                  finished=datetime.now().isoformat(timespec="seconds"))
+    with phases("plots"):
+        plot_curves(history, out / "curves.png")
+        interpretation_plots(learn, out)
+    with phases("gradcam"):
+        gradcam_grid(learn, out / "gradcam.png")
+    with phases("export"):
+        export_learner(learn, out / "export.pkl")
+    with phases("report"):
+        config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
+                      finished=datetime.now().isoformat(timespec="seconds"), phases=phases)
+        write_json(config, out / "config.json")
+        write_report(out)
+    config["phases"] = phases  # the report's own time, too
     write_json(config, out / "config.json")
-    write_report(out)
     return learn, metrics
 
 
@@ -151,22 +199,25 @@ def run(args: argparse.Namespace) -> Path:
     if demo:
         print("no --data given: using the built-in SYNTHETIC demo dataset (six regions, made by the package); "
               "results on it say nothing about real radiographs", flush=True)
-    table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
-    if args.sample:
-        table.df = sample_per_class(table.df, args.sample, seed=args.seed)
-    size = args.size or (DEMO_SIZE if demo else 224)
-    dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
-                                 balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
-                                 stats=arch_stats(args.arch))
+    phases = Phases()
+    with phases("data"):
+        table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
+        if args.sample:
+            table.df = sample_per_class(table.df, args.sample, seed=args.seed)
+        size = args.size or (DEMO_SIZE if demo else 224)
+        dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
+                                     balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
+                                     stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)
     out = new_run_dir(args.out, args.arch)
+    train = dls.train
     config = {"options": {**vars(args), "size": size}, "data": {"path": str(args.data) if args.data else "demo",
               "synthetic_demo": demo, "source": table.source, **table.summary(), "notes": table.notes,
-              "classes": list(dls.vocab)},
+              "classes": list(dls.vocab), "images_per_epoch": train.n, "num_workers": train.fake_l.num_workers},
               "versions": _versions(), "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds"),
               "status": "running"}
     write_json(config, out / "config.json")
     try:
-        learn, metrics = _train_and_evaluate(args, dls, out, config)
+        learn, metrics = _train_and_evaluate(args, dls, out, config, phases)
     except BaseException as e:  # the folder says the run did not finish, and why
         config.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json(config, out / "config.json")

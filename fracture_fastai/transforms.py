@@ -13,7 +13,7 @@ from PIL import Image
 
 from .errors import DataError, UserError
 
-__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage",
+__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographLoader",
            "radiograph_item_tfms", "radiograph_aug_transforms"]
 
 DENOISE = (None, "gaussian", "bilateral")
@@ -80,6 +80,14 @@ def preprocess_radiograph(
     denoise: str | None = None,  # None, 'gaussian' or 'bilateral', applied before the median filter
 ) -> np.ndarray:  # uint8 HxWx3, the gray image in all three channels
     "Grayscale, window to 8 bits, denoise, median-filter and CLAHE a radiograph; gray replicated to RGB for ImageNet models."
+    return _gray_to_rgb(_preprocess_gray(arr, clahe_clip, clahe_grid, median, denoise))
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray: return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _preprocess_gray(arr, clahe_clip=2.0, clahe_grid=8, median=3, denoise=None) -> np.ndarray:
+    "`preprocess_radiograph` before the gray image is copied into three channels: uint8 HxW."
     clahe_clip, clahe_grid, median, denoise = _check_params(clahe_clip, clahe_grid, median, denoise)
     gray = _window_to_uint8(_to_gray(np.asarray(arr)))
     # Noise removal comes before CLAHE because CLAHE amplifies whatever local contrast it finds, noise included.
@@ -89,7 +97,7 @@ def preprocess_radiograph(
     if median > 1: gray = cv2.medianBlur(gray, median)
     # The CLAHE object is made per call: it is cheap, and cv2 objects neither pickle nor share safely across workers.
     if clahe_clip > 0: gray = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_grid, clahe_grid)).apply(gray)
-    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    return gray
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
@@ -121,6 +129,60 @@ class RadiographImage(PILImage):
     "A `PILImage` opened in the file's own mode, so 16-bit radiographs reach `RadiographPreprocess` with all their bits."
     # fastai's PILImage opens with mode='RGB', which drops a 16-bit PNG to 8 bits by clipping (not scaling) at 255.
     _open_args = {'mode': None}
+
+
+class RadiographLoader(DisplayedTransform):
+    "Type transform: a radiograph file -> the preprocessed, zero-padded `size` image, as the item transforms give it at validation."
+    # fastai's presizing split: everything deterministic (decode, windowing, median, CLAHE, pad-resize) happens here,
+    # once per image content when a `cache` is given; only the random augmentation runs per epoch, on the batch.
+    # Unlike `radiograph_item_tfms` at training time, the padding is always centred (the validation placement).
+    def __init__(self,
+        size: int | tuple = 224,  # output size (int or (h, w)); the image is padded to it, never cropped
+        clahe_clip: float = 2.0,  # CLAHE clip limit; 0 turns CLAHE off
+        clahe_grid: int = 8,  # CLAHE tiles per side
+        median: int = 3,  # median filter kernel size; 0 or 1 turns it off, else odd >= 3
+        denoise: str | None = None,  # None, 'gaussian' or 'bilateral'
+        cache=None,  # a `cache.PreprocessCache`, or None to compute every time
+    ):
+        super().__init__()
+        self.preprocess, self.resize = radiograph_item_tfms(size, True, clahe_clip, clahe_grid, median, denoise)
+        self.cache = cache
+
+    @property
+    def signature(self) -> str:
+        "Everything the output depends on besides the file's bytes; a cache entry is valid only under the same one."
+        import PIL
+        pre, rs = self.preprocess, self.resize
+        return (f"radiograph-v1 size={tuple(rs.size)} method={rs.method} pad={rs.pad_mode} clip={pre.clahe_clip} "
+                f"grid={pre.clahe_grid} median={pre.median} denoise={pre.denoise} cv2={cv2.__version__} "
+                f"pillow={PIL.__version__}")
+
+    def _gray(self, source) -> np.ndarray:
+        "The preprocessed, resized radiograph as one uint8 HxW channel."
+        pre = self.preprocess
+        gray = _preprocess_gray(_pil_to_array(RadiographImage.create(source)), pre.clahe_clip, pre.clahe_grid,
+                                pre.median, pre.denoise)
+        # Resized as one gray channel: the same pixels as the RGB copy that RadiographPreprocess gives, a third of
+        # the work. split_idx=1: the Resize places the image as at validation (centred), the deterministic choice.
+        return np.asarray(self.resize(PILImage(Image.fromarray(gray)), split_idx=1))
+
+    def encodes(self, fn) -> PILImage:
+        if self.cache is None: return PILImage.create(_gray_to_rgb(self._gray(fn)))
+        data = open(fn, "rb").read()
+        key = self.cache.key(data, self.signature)
+        gray = self.cache.get(key)
+        if gray is None:
+            gray = self._gray(data)
+            self.cache.put(key, gray)
+        return PILImage.create(_gray_to_rgb(gray))
+
+    def __getstate__(self):
+        # The cache belongs to this machine, not to the model: an export (pickle) never carries it.
+        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.cache = None
 
 
 def radiograph_item_tfms(

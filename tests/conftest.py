@@ -1,5 +1,6 @@
 "Shared fixtures: the real shared dataset (skipped where absent), tiny synthetic datasets, an offline environment."
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 # Tests never reach a model hub, and plots never need a display.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The preprocessing cache of the test session lives apart from the user's own (subprocesses inherit it too).
+os.environ.setdefault("FRACTURE_FASTAI_CACHE", tempfile.mkdtemp(prefix="fracture-fastai-test-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 YOLO_EXPORT = SHARED_DATA / "bone-fracture-yolo8"

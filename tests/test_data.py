@@ -225,7 +225,7 @@ def test_balance_options(demo_export):
     assert w.shape == (6,) and torch.isclose(w.mean(), torch.tensor(1.0))
     assert w[list(dls.vocab).index("wrist")] == w.max()  # the rarest class weighs most: 1 wrist vs 6 of the others
     over = radiograph_dataloaders(table, size=32, bs=2, balance="oversample", device="cpu")
-    assert type(over.train).__name__ == "WeightedDL"
+    assert over.train.wgts is not None and over.train.n == (table.df.split == "train").sum()  # no groups: every image
     with pytest.raises(DataError, match="balance must be one of"):
         radiograph_dataloaders(table, balance="smote")
 
@@ -237,5 +237,60 @@ def test_real_data_one_batch_at_64px(yolo_export):
     dls = radiograph_dataloaders(table, size=64, bs=8, device="cpu")
     assert list(dls.vocab) == sorted(REAL_TRAIN)
     x, y = dls.train.one_batch()
-    assert x.shape == (8, 3, 64, 64) and set(y.tolist()) <= set(range(6))
+    # 3 images per class are one radiograph's Roboflow copies: an epoch draws one of each, 6 in all, a batch of 6
+    assert dls.train.n == 6 and x.shape == (6, 3, 64, 64) and set(y.tolist()) == set(range(6))
     assert -3 < float(x.mean()) < 3  # ImageNet-normalised, not raw 0..255
+
+
+def _grouped_table(tmp_path, n_groups=4, copies=3):
+    "Two classes, `n_groups` source radiographs each, every one in `copies` Roboflow-style copies; one valid image each."
+    from fracture_fastai.data import DataTable
+    rows = []
+    for label in ("elbow", "wrist"):
+        for g in range(n_groups):
+            for c in range(copies):
+                f = _png(tmp_path / f"{label}{g}_jpg.rf.{c}.png", value=10 * g + c)
+                rows.append(dict(file=str(f), label=label, split="train", group=group_of(f), polygons=[]))
+        f = _png(tmp_path / f"{label}-valid.png")
+        rows.append(dict(file=str(f), label=label, split="valid", group=group_of(f), polygons=[]))
+    return DataTable(pd.DataFrame(rows))
+
+
+def test_an_epoch_draws_one_copy_of_each_radiograph(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    table = _grouped_table(tmp_path)
+    dl = radiograph_dataloaders(table, size=16, bs=2, device="cpu", num_workers=0).train
+    items = dl.items
+    assert dl.n == 8 and len(dl) == 4  # 8 radiographs per epoch, not 24 images
+    epochs = []
+    for _ in range(6):
+        dl.randomize()
+        idxs = list(dl.get_idxs())
+        assert len(idxs) == 8 and items.group.iloc[idxs].nunique() == 8  # each radiograph exactly once
+        epochs.append(sorted(idxs))
+    assert len({tuple(e) for e in epochs}) > 1  # a different copy in different epochs
+    first, second = (radiograph_dataloaders(table, size=16, bs=2, device="cpu", num_workers=0).train for _ in range(2))
+    assert first.get_idxs() == second.get_idxs()  # seeded: the same draw for the same seed
+    every = radiograph_dataloaders(table, size=16, bs=2, device="cpu", num_workers=0, copies="all").train
+    assert every.n == 24 and sorted(every.get_idxs()) == list(range(24))
+    xb, yb = next(iter(dl))  # and it trains: a batch comes out
+    assert xb.shape == (2, 3, 16, 16)
+
+
+def test_one_copy_per_radiograph_with_oversampling(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    table = _grouped_table(tmp_path)
+    table.df = table.df[~((table.df.label == "wrist") & table.df.group.isin(["wrist1_jpg", "wrist2_jpg", "wrist3_jpg"]))]
+    dl = radiograph_dataloaders(table, size=16, bs=2, device="cpu", num_workers=0, balance="oversample").train
+    labels = []
+    for _ in range(200):
+        dl.randomize()
+        labels += list(dl.items.label.iloc[list(dl.get_idxs())])
+    # 4 elbow radiographs and 1 wrist: drawn about equally often all the same
+    assert 0.4 < labels.count("wrist") / len(labels) < 0.6 and dl.n == 5
+
+
+def test_copies_must_be_known(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    with pytest.raises(DataError, match="copies"):
+        radiograph_dataloaders(_grouped_table(tmp_path), size=16, copies="some")

@@ -126,7 +126,7 @@ def test_evaluate_learner_valid_and_test(trained):
     m, probs, targets = evaluate_learner(learn)
     assert {"n", "accuracy", "accuracy_ci95", "macro_f1", "per_class", "confusion_matrix", "classes", "loss",
             "tta"} <= set(m)
-    assert m["n"] == 6 and m["classes"] == ["blue", "green", "red"] and m["tta"] is False
+    assert m["n"] == 6 and m["classes"] == ["blue", "green", "red"] and m["tta"] == "none"
     assert isinstance(m["loss"], float) and m["loss"] > 0
     assert probs.shape == (6, 3) and torch.allclose(probs.sum(1), torch.ones(6), atol=1e-5)
     assert sorted(targets.tolist()) == [0, 0, 1, 1, 2, 2]
@@ -136,8 +136,22 @@ def test_evaluate_learner_valid_and_test(trained):
     test_dl = learn.dls.test_dl(get_image_files(root / "test"), with_labels=True)
     m, probs, _ = evaluate_learner(learn, dl=test_dl)
     assert m["n"] == 9 and sum(c["support"] for c in m["per_class"].values()) == 9
-    m, probs, _ = evaluate_learner(learn, dl=test_dl, tta=True)
-    assert m["tta"] is True and m["loss"] is None and probs.shape == (9, 3)
+    m, probs, _ = evaluate_learner(learn, dl=test_dl, tta=True)  # True: fastai's own tta
+    assert m["tta"] == "aug" and m["loss"] is None and probs.shape == (9, 3)
+
+
+def test_flip_tta_averages_each_image_and_its_mirror(trained):
+    from fastai.vision.all import get_image_files
+    learn, root = trained
+    test_dl = learn.dls.test_dl(get_image_files(root / "test"), with_labels=True)
+    m, probs, targets = evaluate_learner(learn, dl=test_dl, tta="flip")
+    xb = torch.cat([b[0] for b in test_dl])
+    learn.model.eval()
+    with torch.no_grad():
+        expected = (learn.model(xb).softmax(1) + learn.model(xb.flip(-1)).softmax(1)) / 2
+    assert m["tta"] == "flip" and torch.allclose(probs, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        evaluate_learner(learn, dl=test_dl, tta="rotate")
 
 
 def test_evaluate_learner_unlabelled_dl_is_a_user_error(trained):

@@ -33,6 +33,13 @@ def test_run_writes_every_file(real_run):
     assert config["status"] == "done" and config["options"]["arch"] == "cnn" and config["weights"] == "none (custom CNN)"
     assert {"fastai", "torch", "timm"} <= set(config["versions"])
     assert config["data"]["splits"]["train"] == {c: 3 for c in config["data"]["classes"]}
+    # every second accounted for: each phase of the run, one entry per epoch
+    assert {"data", "learner", "lr_find", "train", "epochs", "evaluate", "localisation", "plots", "gradcam", "export",
+            "report"} <= set(config["phases"])
+    assert len(config["phases"]["epochs"]) == 1 and all(v >= 0 for k, v in config["phases"].items() if k != "epochs")
+    assert config["precision"] == "fp32" and config["data"]["num_workers"] == 0
+    # one image of each source radiograph per epoch: the sample's 18 images are fewer radiographs
+    assert config["data"]["images_per_epoch"] <= 18 and config["options"]["copies"] == "one"
     metrics = json.loads((out / "metrics.json").read_text())
     valid = metrics["valid"]
     assert valid["n"] == 18 and 0 <= valid["accuracy_ci95"][0] <= valid["accuracy"] <= valid["accuracy_ci95"][1] <= 1
@@ -78,7 +85,9 @@ def test_demo_run_is_synthetic_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("args,message", [(["--arch", "alexnet"], "unknown architecture 'alexnet'"),
                                           (["--data", "/no/such/folder"], "does not exist"),
-                                          (["--epochs", "0"], "--epochs must be at least 1")])
+                                          (["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["--min-size", "8"], "--min-size must be 0 (off) or at least 32"),
+                                          (["--num-workers", "-1"], "--num-workers must be 0 or more")])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     res = _cli("fracture_fastai.run", *args, "--out", str(tmp_path / "never"))
     assert res.returncode == 2 and message in res.stderr

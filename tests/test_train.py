@@ -5,7 +5,8 @@ import torch
 
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
-from fracture_fastai.train import fit_warm_restarts, radiograph_learner, train
+from fracture_fastai.train import (CPUBFloat16, ProgressiveResize, export_learner, fit_warm_restarts,
+                                   progressive_sizes, radiograph_learner, resolve_precision, train)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,7 +27,7 @@ def test_learner_has_adamw_metrics_and_weighted_loss(demo_export):
     learn = radiograph_learner("cnn", dls, pretrained="none")
     assert [m.name for m in learn.metrics] == ["accuracy", "f1_score"]
     assert learn.loss_func.func.weight is not None and learn.loss_func.func.weight.shape == (6,)
-    assert learn.fp16 is False  # CPU: fp32
+    assert learn.precision == "fp32"  # auto on the CPU
     plain = radiograph_learner("cnn", radiograph_dataloaders(load_table(demo_export), size=32, bs=8, device="cpu"))
     assert plain.loss_func.func.weight is None
     smooth = radiograph_learner("cnn", dls, label_smoothing=0.1)
@@ -94,3 +95,63 @@ def test_bad_options_are_user_errors(demo_dls, tmp_path):
                         (dict(epochs=0), "epochs must be")]:
         with pytest.raises(UserError, match=msg):
             train(learn, out_dir=tmp_path, **kwargs)
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(UserError, match="precision must be one of"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_bf16_on_the_cpu_trains_and_exports_in_fp32(demo_dls, tmp_path):
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.callback.core import Callback
+
+    class _Dtypes(Callback):
+        order = 20  # after CPUBFloat16
+        def after_pred(self): self.seen = (torch.is_autocast_cpu_enabled(), self.pred.dtype)
+
+    learn = radiograph_learner("cnn", demo_dls, precision="bf16", path=tmp_path)
+    assert learn.precision == "bf16" and any(isinstance(cb, CPUBFloat16) for cb in learn.cbs)
+    spy = _Dtypes()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=spy)
+    assert spy.seen == (True, torch.float32)  # the model ran under autocast; loss and metrics see fp32
+    assert not torch.is_autocast_cpu_enabled()  # and autocast is off again after the fit
+    assert next(learn.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    export = export_learner(learn, tmp_path / "export.pkl")
+    assert not list(tmp_path.glob(".export.pkl.tmp"))
+    from fastai.learner import load_learner
+    loaded = load_learner(export, cpu=True)
+    assert not any(isinstance(cb, (CPUBFloat16, ChannelsLast)) for cb in loaded.cbs)
+    assert any(isinstance(cb, CPUBFloat16) for cb in learn.cbs)  # the training Learner keeps its callbacks
+
+
+def test_progressive_sizes():
+    assert progressive_sizes(10, 128, 224) == [128, 128, 128, 160, 160, 160, 192, 192, 192, 224]
+    assert progressive_sizes(3, 128, 224) == [128, 160, 224]
+    assert progressive_sizes(4, 224, 224) == [224] * 4 and progressive_sizes(1, 128, 224) == [224]
+
+
+def test_progressive_resize_grows_the_input(demo_export, tmp_path):
+    from fastai.callback.core import Callback
+    dls = radiograph_dataloaders(load_table(demo_export), size=64, bs=4, device="cpu")
+
+    class _Shapes(Callback):
+        def before_fit(self): self.shapes = []
+        def after_pred(self): self.shapes.append((self.training, self.epoch, self.xb[0].shape[-1]))
+
+    spy = _Shapes()
+    learn = radiograph_learner("cnn", dls, path=tmp_path)
+    summary = train(learn, epochs=2, lr=1e-3, out_dir=tmp_path, lr_find_iters=4, min_size=32)
+    assert summary["sizes"] == [32, 64]
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-3, cbs=[ProgressiveResize([32, 64]), spy])
+    assert {s for _, e, s in spy.shapes if e == 0} == {32} and {s for _, e, s in spy.shapes if e == 1} == {64}
+    assert {t for t, _, _ in spy.shapes} == {True, False}  # training and validation batches alike
+    xb, _ = dls.train.one_batch()
+    assert xb.shape[-1] == 64  # the augmentation is back at full size after the fit

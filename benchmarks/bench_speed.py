@@ -1,0 +1,204 @@
+"""Where the seconds of an experiment go, on the real export: the DataLoader alone, the model alone, a real training
+epoch, predict end to end against a plain forward, and every phase of a default run. Prints measured values and
+their ratios to the targets (overhead <= 0.10, predict_ratio <= 1.2); asserts nothing.
+
+    python benchmarks/bench_speed.py [--quick] [--json] [--arch tf_efficientnet_lite0] [-- extra run options]
+
+`--quick` measures the same keys on a small sample (under 3 minutes on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a model hub
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bone-fracture-yolo8"
+TARGETS = {"overhead": 0.10, "predict_ratio": 1.2}
+
+
+def _dls(args, table, cache):
+    from fracture_fastai.data import radiograph_dataloaders
+    from fracture_fastai.models import arch_stats
+    return radiograph_dataloaders(table, size=args.size, bs=args.bs, seed=42, stats=arch_stats(args.arch),
+                                  copies=args.copies, cache=cache, num_workers=args.num_workers)
+
+
+def _epoch_seconds(dl) -> tuple:
+    "(seconds, images) of one pass over `dl`, batch transforms included, no model."
+    start, n = time.perf_counter(), 0
+    for xb, yb in dl:
+        n += len(xb)
+    return time.perf_counter() - start, n
+
+
+def measure_pipeline(args, table) -> dict:
+    "Training DataLoader alone: reading, preprocessing, augmentation, collation; cold cache, warm cache, no cache."
+    from fracture_fastai.cache import PreprocessCache
+    cache = PreprocessCache(tempfile.mkdtemp(prefix="bench-cache-"))
+    cold_s, n = _epoch_seconds(_dls(args, table, cache).train)
+    warm_s, _ = _epoch_seconds(_dls(args, table, cache).train)
+    none_s, _ = _epoch_seconds(_dls(args, table, False).train)
+    cache.clear()
+    return {"pipeline_img_s": n / warm_s, "pipeline_cold_img_s": n / cold_s, "pipeline_uncached_img_s": n / none_s}
+
+
+def _learner(args, dls):
+    from fracture_fastai.train import radiograph_learner
+    learn = radiograph_learner(args.arch, dls, precision=args.precision, path=tempfile.mkdtemp(prefix="bench-"))
+    learn.unfreeze()  # the main phase's cost: the whole model learns
+    return learn
+
+
+def measure_model(learn, n_batches: int) -> float:
+    "Images/s of forward + backward + optimiser step on random tensors of the training batch's shape, as `learn` trains."
+    import torch
+    from fastai.callback.channelslast import ChannelsLast
+    from fracture_fastai.train import CPUBFloat16
+    xb, yb = learn.dls.one_batch()
+    x, y = torch.randn_like(xb.float()), torch.randint(0, learn.dls.c, yb.shape)
+    model, loss_func = learn.model, learn.loss_func
+    if any(isinstance(cb, ChannelsLast) for cb in learn.cbs): model.to(memory_format=torch.channels_last)
+    bf16 = any(isinstance(cb, CPUBFloat16) for cb in learn.cbs)
+    learn.create_opt()
+    model.train()
+    times = []
+    for i in range(n_batches + 1):  # the first batch warms up (allocations, kernel selection)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x)
+        loss = loss_func(pred.float(), y)
+        loss.backward()
+        learn.opt.step()
+        learn.opt.zero_grad()
+        if i: times.append(time.perf_counter() - start)
+    return len(x) * len(times) / sum(times)
+
+
+def measure_train(learn) -> tuple:
+    "(images/s, seconds) of the training half of a real `fit` epoch: data, transforms, callbacks, model, optimiser."
+    from fastai.callback.core import Callback
+
+    class _Clock(Callback):
+        def before_train(self): self.start = time.perf_counter()
+        def after_train(self): self.seconds = time.perf_counter() - self.start
+
+    clock = _Clock()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-4, cbs=clock)
+    n = len(learn.dls.train) * learn.dls.train.bs
+    return n / clock.seconds, clock.seconds
+
+
+def _timed_cli(*cmd) -> float:
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+    if res.returncode: sys.exit(f"{' '.join(cmd[:2])} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - start
+
+
+def measure_predict(learn, files, bs: int = 16) -> dict:
+    "`python -m fracture_fastai.predict` on 1 and on all `files` (the difference is the throughput; the first, process start) vs a plain forward."
+    import torch
+    from fracture_fastai.predict import load_export
+    from fracture_fastai.train import export_learner
+    folder = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    export = export_learner(learn, folder / "export.pkl")
+    one = _timed_cli("fracture_fastai.predict", str(export), str(files[0]), "--csv", str(folder / "one.csv"), "--bs", str(bs))
+    full = _timed_cli("fracture_fastai.predict", str(export), *map(str, files), "--csv", str(folder / "all.csv"), "--bs", str(bs))
+    # The same exported model, the same images already as tensors, a plain no_grad forward.
+    exported = load_export(export)
+    dl = exported.dls.test_dl([str(f) for f in files], bs=bs)
+    batches = [b[0] for b in dl]
+    model = exported.model.eval()
+    with torch.no_grad():
+        model(batches[0])  # warm-up
+        start = time.perf_counter()
+        for xb in batches: model(xb)
+        raw_s = time.perf_counter() - start
+    predict_img_s = (len(files) - 1) / max(full - one, 1e-9)
+    raw_img_s = len(files) / raw_s
+    return {"predict_img_s": predict_img_s, "predict_process_start_s": one, "predict_images": len(files),
+            "raw_forward_img_s": raw_img_s, "predict_ratio": raw_img_s / predict_img_s}
+
+
+def measure_phases(args, extra) -> dict:
+    "A whole run with the command line's defaults (`--quick`: a sample), its phases from config.json."
+    out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
+    cmd = ["fracture_fastai.run", "--arch", args.arch, "--data", str(args.data), "--out", str(out)]
+    cmd += ["--sample", "15", "--epochs", "1"] if args.quick else []
+    seconds = _timed_cli(*cmd, *extra)
+    config = json.loads((out / "config.json").read_text())
+    valid = json.loads((out / "metrics.json").read_text())["valid"]
+    return {"run_minutes": seconds / 60, "run_folder": str(out), "phases": config["phases"],
+            "run_images_per_epoch": config["data"]["images_per_epoch"], "valid_accuracy": valid["accuracy"],
+            "valid_accuracy_ci95": valid["accuracy_ci95"], "valid_n": valid["n"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--arch", default="tf_efficientnet_lite0")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--copies", default="one")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a small sample: the same keys in under 3 minutes")
+    p.add_argument("--no-run", action="store_true", help="skip the whole default run (phases)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args, extra = p.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    args.data = Path(args.data)
+    if not (args.data / "data.yaml").exists():
+        print(f"skipped: real data absent ({args.data} not found; it sits beside the project as ../shared/data)")
+        return
+    import torch
+    from fracture_fastai.data import load_table, sample_per_class
+    from fracture_fastai.cache import PreprocessCache
+
+    table = load_table(args.data)
+    if args.quick: table.df = sample_per_class(table.df, 40, seed=42)
+    res = {"arch": args.arch, "size": args.size, "bs": args.bs, "quick": args.quick, "threads": torch.get_num_threads()}
+    res.update(measure_pipeline(args, table))
+    cache = PreprocessCache(tempfile.mkdtemp(prefix="bench-cache-"))
+    dls = _dls(args, table, cache)
+    _epoch_seconds(dls.train); _epoch_seconds(dls.valid)  # fill the cache: the steady state is what a run sees after its first epoch
+    learn = _learner(args, dls)
+    res["precision"] = learn.precision
+    res["model_img_s"] = measure_model(learn, 3 if args.quick else 8)
+    res["train_img_s"], res["train_epoch_s"] = measure_train(learn)
+    res["overhead"] = res["model_img_s"] / res["train_img_s"] - 1  # time(train) / time(model alone) - 1
+    files = list(dls.valid.items.file)[:100 if args.quick else 173]
+    res.update(measure_predict(learn, files))
+    cache.clear()
+    if not args.no_run: res.update(measure_phases(args, extra))
+    res["targets"] = {k: {"target": t, "measured": res[k], "ratio": res[k] / t, "met": res[k] <= t} for k, t in TARGETS.items()}
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return
+    rows = [("pipeline_img_s (warm cache)", res["pipeline_img_s"]), ("pipeline_cold_img_s", res["pipeline_cold_img_s"]),
+            ("pipeline_uncached_img_s", res["pipeline_uncached_img_s"]), ("model_img_s", res["model_img_s"]),
+            ("train_img_s", res["train_img_s"]), ("overhead", res["overhead"]), ("predict_img_s", res["predict_img_s"]),
+            ("predict_process_start_s", res["predict_process_start_s"]), ("raw_forward_img_s", res["raw_forward_img_s"]),
+            ("predict_ratio", res["predict_ratio"])]
+    print(f"{args.arch}, {args.size} px, bs {args.bs}, precision {res['precision']}, {res['threads']} threads")
+    for name, value in rows:
+        target = TARGETS.get(name)
+        tail = f"   target <= {target}: ratio {value / target:.2f} ({'met' if value <= target else 'NOT met'})" if target else ""
+        print(f"{name:30s} {value:10.2f}{tail}")
+    if "phases" in res:
+        print(f"\nrun: {res['run_minutes']:.2f} min, valid accuracy {res['valid_accuracy']:.3f} "
+              f"(95% CI {res['valid_accuracy_ci95'][0]:.3f}-{res['valid_accuracy_ci95'][1]:.3f}, n={res['valid_n']})")
+        for name, sec in res["phases"].items():
+            print(f"  {name:14s} {sec if isinstance(sec, (int, float)) else sec}")
+
+
+if __name__ == "__main__":
+    main()
