@@ -27,6 +27,7 @@ def load_export(
     if not path.is_file():  # checked before importing fastai, which takes seconds
         raise UserError(f"cannot load {path}: no such file ({_MAKE_EXPORT})")
     # pickle imports the package modules that export.pkl names (RadiographImage, RadiographPreprocess, ...) itself
+    import fastai.callback.progress  # noqa: F401  (Learner.no_bar: the export carries no progress callback to import it)
     from fastai.learner import Learner, load_learner
     try:
         with warnings.catch_warnings():
@@ -41,6 +42,9 @@ def load_export(
         raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})") from None
     if not isinstance(learn, Learner):
         raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})")
+    import torch
+    # Channels-last convolutions: measured 1.45x the images/s of the contiguous layout on a 2-core CPU (lite0, 192 px).
+    learn.model.to(memory_format=torch.channels_last)
     return learn
 
 

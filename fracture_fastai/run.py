@@ -13,7 +13,8 @@ from .evaluate import write_json
 
 __all__ = ["main", "parse_args", "run", "new_run_dir"]
 
-DEMO_SIZE = 128  # the demo's images are small and synthetic: no need for 224 px there
+SIZE = 192  # measured on the YOLO export: 0.879 validation accuracy in 8 epochs, vs 0.827-0.838 at 160 px in 10-14
+DEMO_SIZE = 128  # the demo's images are small and synthetic: no need for more there
 
 
 def _archs():
@@ -40,12 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="YOLO export, folder tree of classes or CSV; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10, help="epochs of the main phase")
+    g.add_argument("--epochs", type=int, default=8, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
     g.add_argument("--lr", type=_lr, default=None,
                    help="peak learning rate, or 'find' for lr_find's suggestion; default: 2e-3 (fastai's fine_tune) "
                         "for pretrained archs, 'find' for those trained from scratch")
-    g.add_argument("--lr-mult", type=float, default=10, help="pretrained archs: head lr / first body group's lr")
+    g.add_argument("--lr-mult", type=float, default=3, help="pretrained archs: head lr / first body group's lr")
     g.add_argument("--schedule", choices=["one_cycle", "sgdr"], default="one_cycle",
                    help="one-cycle, or cosine annealing with warm restarts")
     g.add_argument("--cycle-len", type=int, default=2, help="SGDR: epochs of the first cycle")
@@ -61,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: fp16 on a CUDA GPU, bf16 on a CPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=42)
     d = p.add_argument_group("data")
-    d.add_argument("--size", type=int, default=None, help=f"square input size in px; default 224, {DEMO_SIZE} on the demo")
-    d.add_argument("--min-size", type=int, default=128,
+    d.add_argument("--size", type=int, default=None, help=f"square input size in px; default {SIZE}, {DEMO_SIZE} on the demo")
+    d.add_argument("--min-size", type=int, default=0,
                    help="progressive resizing: the first epochs train at this size, ramping up to --size; 0 = off")
     d.add_argument("--bs", type=int, default=32, help="batch size")
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="keep preprocessed images in the user cache folder (python -m fracture_fastai.cache)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--tta", choices=["flip", "aug", "none"], default="flip",
+    e.add_argument("--tta", choices=["flip", "aug", "none"], default="none",
                    help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
     e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     args = p.parse_args(argv)
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> Path:
         table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
         if args.sample:
             table.df = sample_per_class(table.df, args.sample, seed=args.seed)
-        size = args.size or (DEMO_SIZE if demo else 224)
+        size = args.size or (DEMO_SIZE if demo else SIZE)
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)

@@ -67,11 +67,11 @@ def test_cli_info_and_clear(tmp_path):
 
 
 def _item_tfms_output(fn, size, **kw):
-    "What ImageBlock(RadiographImage) + radiograph_item_tfms give at validation: the reference the loader must match."
+    "What ImageBlock(RadiographImage) + radiograph_item_tfms give at validation, as ToTensor makes it (uint8 CHW)."
     img = RadiographImage.create(fn)
     for tfm in radiograph_item_tfms(size, **kw):
         img = tfm(img, split_idx=1)
-    return np.asarray(img)
+    return np.asarray(img).transpose(2, 0, 1)
 
 
 @pytest.mark.parametrize("kw", [{}, {"clahe": False}, {"median": 5, "denoise": "gaussian"}])

@@ -154,6 +154,23 @@ def test_flip_tta_averages_each_image_and_its_mirror(trained):
         evaluate_learner(learn, dl=test_dl, tta="rotate")
 
 
+def test_augmented_tta_is_seeded(trained):
+    import random
+    from fastai.vision.all import get_image_files
+    learn, root = trained
+    test_dl = learn.dls.test_dl(get_image_files(root / "test"), with_labels=True)
+    random.seed(1); torch.manual_seed(1)
+    first = evaluate_learner(learn, dl=test_dl, tta="aug")[1]
+    after = (random.random(), torch.rand(1))  # the caller's generators are left where they were
+    random.seed(1); torch.manual_seed(1)
+    random.random(); torch.rand(1)  # whatever state the caller is in, the score is the same
+    second = evaluate_learner(learn, dl=test_dl, tta="aug")[1]
+    assert torch.equal(first, second)
+    random.seed(1); torch.manual_seed(1)
+    evaluate_learner(learn, dl=test_dl, tta="aug")
+    assert (random.random(), torch.rand(1)) == after
+
+
 def test_evaluate_learner_unlabelled_dl_is_a_user_error(trained):
     from fastai.vision.all import get_image_files
     learn, root = trained
@@ -201,3 +218,22 @@ def test_write_json_converts_numpy(tmp_path):
     p = write_json({"n": np.int64(3), "acc": np.float32(0.5), "cm": np.eye(2, dtype=int), "path": tmp_path},
                    tmp_path / "sub" / "metrics.json")
     assert json.loads(p.read_text()) == {"n": 3, "acc": 0.5, "cm": [[1, 0], [0, 1]], "path": str(tmp_path)}
+
+
+def test_predict_probs_fast_path_matches_get_preds(demo_export):
+    "predict's own loop (the RadiographLoader called directly, no identity warps) gives fastai's probabilities."
+    from fracture_fastai.data import load_table, radiograph_dataloaders
+    from fracture_fastai.evaluate import predict_probs
+    from fracture_fastai.train import radiograph_learner
+    table = load_table(demo_export)
+    dls = radiograph_dataloaders(table, size=32, bs=4, device="cpu")
+    learn = radiograph_learner("cnn", dls)
+    valid = table.df[table.df.split == "valid"].reset_index(drop=True)
+    files_dl = learn.dls.test_dl(list(valid.file), bs=3)  # 3: a last partial batch too
+    expected = learn.get_preds(dl=files_dl)[0]
+    probs, targets = predict_probs(learn, files_dl)
+    assert targets is None and probs.shape == expected.shape
+    assert torch.allclose(probs, expected, atol=1e-4)
+    labelled = learn.dls.test_dl(valid, with_labels=True)  # a table with labels: fastai's own iteration
+    probs, targets = predict_probs(learn, labelled)
+    assert torch.allclose(probs, expected, atol=1e-4) and len(targets) == len(valid)

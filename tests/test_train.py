@@ -155,3 +155,24 @@ def test_progressive_resize_grows_the_input(demo_export, tmp_path):
     assert {t for t, _, _ in spy.shapes} == {True, False}  # training and validation batches alike
     xb, _ = dls.train.one_batch()
     assert xb.shape[-1] == 64  # the augmentation is back at full size after the fit
+
+
+def test_learning_rate_default_and_find(demo_dls, tmp_path):
+    learn = radiograph_learner("tf_efficientnet_lite0", demo_dls, pretrained="auto")
+    summary = train(learn, epochs=1, freeze_epochs=0, out_dir=tmp_path / "a")
+    # pretrained: fastai's fine_tune rate, no lr_find (nor its plot)
+    assert summary["lr"] == 2e-3 and summary["lr_find_suggestion"] is None and not (tmp_path / "a" / "lr_find.png").exists()
+    learn = radiograph_learner("tf_efficientnet_lite0", demo_dls, pretrained="auto")
+    summary = train(learn, epochs=1, freeze_epochs=0, lr="find", out_dir=tmp_path / "b", lr_find_iters=5)
+    assert summary["lr"] == summary["lr_find_suggestion"] and (tmp_path / "b" / "lr_find.png").exists()
+    with pytest.raises(UserError, match="lr must be a positive number"):
+        train(radiograph_learner("cnn", demo_dls), epochs=1, lr=-1.0, out_dir=tmp_path / "c")
+
+
+def test_progressive_keeps_the_best_full_size_epoch(demo_export, tmp_path):
+    dls = radiograph_dataloaders(load_table(demo_export), size=64, bs=4, device="cpu")
+    learn = radiograph_learner("cnn", dls, path=tmp_path)
+    summary = train(learn, epochs=3, lr=1e-3, out_dir=tmp_path, min_size=32)
+    assert summary["sizes"] == [32, 32, 64] and summary["best_epoch"] == 2  # the only epoch at full size
+    val_loss = learn.validate()[0]
+    assert val_loss == pytest.approx(pd.read_csv(tmp_path / "history.csv").valid_loss.iloc[2], rel=1e-4)
