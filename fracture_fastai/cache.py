@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, cli_errors
+from .errors import ArgumentParser, UserError, cli_errors
 
 __all__ = ["CACHE_ENV", "MAX_BYTES_ENV", "default_cache_dir", "PreprocessCache", "main"]
 
@@ -114,7 +114,7 @@ class PreprocessCache:
 
 @cli_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fracture_fastai.cache",
+    p = ArgumentParser(prog="python -m fracture_fastai.cache",
                                 description="Where the cache of preprocessed radiographs lives and how big it is.",
                                 epilog=f"The folder comes from ${CACHE_ENV} (off disables caching), the size limit "
                                        f"from ${MAX_BYTES_ENV} (GiB, default {_DEFAULT_GB:g}).")

@@ -12,18 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, cli_errors
-from .evaluate import accuracy_ci
-
-# Plots go to files, never to a screen; a Jupyter kernel keeps its own (inline) backend.
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .errors import ArgumentParser, UserError, check_writable, cli_errors
+from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
 __all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "decode_images", "overlay", "gradcam_grid",
            "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "main"]
@@ -446,7 +440,7 @@ def _output_names(files) -> list:
 
 def _parser() -> argparse.ArgumentParser:
     from .predict import add_export_and_images
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fracture_fastai.cam",
         description="Grad-CAM overlays of radiographs with an exported fastai Learner (export.pkl from "
                     "python -m fracture_fastai.run): one PNG per image in --out, its path printed.",
@@ -487,8 +481,7 @@ def _cam_command(args) -> int:
     for p in missing: print(f"skipped {p}: no such file or folder", file=sys.stderr)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file; give a folder for the overlays")
+    out = check_writable(args.out, "--out", folder=True)
     learn = load_export(args.export)
     vocab = _vocab(learn)
     target = None if args.target is None else _class_index(learn, args.target, learn.dls.c)

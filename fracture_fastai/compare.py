@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UserError, cli_errors
+from .errors import ArgumentParser, UserError, cli_errors
 
 __all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard", "main"]
 
@@ -394,7 +394,7 @@ def _default_out(paths) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fracture_fastai.compare",
         description="Compare finished runs of python -m fracture_fastai.run: a leaderboard sorted by validation "
                     "accuracy (95 % CIs, localisation, params, CPU ms per image), written as leaderboard.md, "

@@ -5,6 +5,7 @@ is handled here; the rest of the package only sees the table.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -27,6 +28,7 @@ BALANCE = ("none", "oversample", "weights")
 COPIES = ("one", "all")  # per training epoch: one image of each source radiograph (group), or every image
 # Roboflow writes "valid", Ultralytics "val"; both mean the package's "valid".
 _SPLIT_ALIASES = {"train": "train", "val": "valid", "valid": "valid", "validation": "valid", "test": "test"}
+_YOLO_SLACK = 1e-3  # exporters round normalised coordinates: 1.0004 is still on the image
 # Words that qualify a YOLO class name without naming the body region.
 _FINDING_WORDS = {"positive", "negative", "fracture", "fractures", "fractured", "normal", "abnormal"}
 
@@ -81,16 +83,27 @@ def _check_dir(path) -> Path:
     return path
 
 
-def _parse_yolo_label(text: str):
+def _parse_yolo_label(text: str, bad: Counter | None = None):
     "Class ids and fracture polygons (normalised (x, y) pairs) of one YOLO label file; boxes become 4-point polygons."
+    # Lines that cannot be a label (text, inf/nan, a negative class, a shape outside the image) are left out and
+    # counted in `bad` by reason, never scored: a broken annotation must not pass as a fracture outline.
+    bad = Counter() if bad is None else bad
     ids, polygons = [], []
     for line in text.splitlines():
         tokens = line.split()
         if not tokens:
             continue
         try:
-            cls, coords = int(float(tokens[0])), [float(t) for t in tokens[1:]]
+            values = [float(t) for t in tokens]
         except ValueError:
+            bad["label line not numeric"] += 1
+            continue
+        if not all(math.isfinite(v) for v in values):
+            bad["label line with inf or nan"] += 1
+            continue
+        cls, coords = values[0], values[1:]
+        if cls < 0 or cls != int(cls):
+            bad["negative or fractional class id"] += 1
             continue
         if len(coords) == 4:  # box: cx cy w h
             cx, cy, w, h = coords
@@ -98,8 +111,12 @@ def _parse_yolo_label(text: str):
         elif len(coords) >= 6 and len(coords) % 2 == 0:
             poly = list(zip(coords[0::2], coords[1::2]))
         else:
+            bad["label line of the wrong length"] += 1
             continue
-        ids.append(cls)
+        if not all(-_YOLO_SLACK <= v <= 1 + _YOLO_SLACK for xy in poly for v in xy):
+            bad["label outside the image (coordinates beyond 0..1)"] += 1
+            continue
+        ids.append(int(cls))
         polygons.append([[round(x, 6), round(y, 6)] for x, y in poly])
     return ids, polygons
 
@@ -124,6 +141,8 @@ def read_yolo(path) -> DataTable:
         cfg = yaml.safe_load(yaml_file.read_text()) or {}
     except yaml.YAMLError as e:
         raise DataError(f"{yaml_file} is not valid YAML ({e.__class__.__name__}); fix or re-export it") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{yaml_file} holds a {type(cfg).__name__}, not a mapping of train/val/names; fix or re-export it")
     names = _yolo_names(cfg)
     root = yaml_file.parent
     if cfg.get("path") and Path(str(cfg["path"])).is_absolute() and Path(str(cfg["path"])).is_dir():
@@ -141,7 +160,7 @@ def read_yolo(path) -> DataTable:
         labels = images.parent / "labels" if images.name == "images" else images
         for img in sorted(p for p in images.iterdir() if _is_image(p)):
             label_file = labels / (img.stem + ".txt")
-            ids, polygons = _parse_yolo_label(label_file.read_text()) if label_file.exists() else ([], [])
+            ids, polygons = _parse_yolo_label(label_file.read_text(), skipped) if label_file.exists() else ([], [])
             if not ids:
                 skipped["unlabelled"] += 1
                 continue
@@ -175,25 +194,27 @@ def read_folders(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
     path = _check_dir(path)
     subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
     split_dirs = {_SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in _SPLIT_ALIASES}
-    rows, skipped = [], Counter()
+    rows, skipped, notes = [], Counter(), []
     if "train" in split_dirs:
         for split, folder in split_dirs.items():
-            rows += _class_rows(folder, split, skipped)
+            rows += _class_rows(folder, split, skipped, notes)
     else:
-        rows = _class_rows(path, "train", skipped)
+        rows = _class_rows(path, "train", skipped, notes)
     if not rows:
         raise DataError(f"no images found in class folders under {str(path)!r}; expected <class>/<image> or train/<class>/<image>")
-    table = DataTable(pd.DataFrame(rows), skipped, source="folders")
+    table = DataTable(pd.DataFrame(rows), skipped, notes, source="folders")
     if "valid" not in split_dirs:
         table.df = grouped_split(table.df, valid_pct, seed)
     return table
 
 
-def _class_rows(folder: Path, split: str, skipped: Counter) -> list:
+def _class_rows(folder: Path, split: str, skipped: Counter, notes: list) -> list:
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file())
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+        if not images:  # said, not dropped silently: a class that vanishes changes what the model can answer
+            notes.append(f"class folder {str(class_dir)!r} holds no images; class {class_dir.name!r} left out of {split}")
         if len(files) > len(images):
             skipped["not an image"] += len(files) - len(images)
         rows += [dict(file=str(p), label=class_dir.name, split=split, group=group_of(p), polygons=[]) for p in images]
@@ -210,11 +231,24 @@ def read_csv(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
     missing = {"file", "label"} - set(df.columns)
     if missing:
         raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected columns file,label[,split]")
-    df = df.dropna(subset=["file", "label"]).copy()
-    df["file"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in df.file.astype(str)]
-    df["label"] = df.label.astype(str)
+    if df.empty:
+        raise DataError(f"{path} lists no images (a header only); add rows file,label[,split]")
+    skipped = Counter()
+    no_file = df.file.isna() | (df.file.astype(str).str.strip() == "")
+    no_label = ~no_file & (df.label.isna() | (df.label.astype(str).str.strip() == ""))
+    if no_file.any(): skipped["row without a file"] += int(no_file.sum())
+    if no_label.any(): skipped["empty label"] += int(no_label.sum())
+    df = df[~no_file & ~no_label].copy()
+    df["file"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in df.file.astype(str).str.strip()]
+    df["label"] = df.label.astype(str).str.strip()
+    labels_per_file = df.groupby("file").label.nunique()
+    if (labels_per_file > 1).any():
+        clash = labels_per_file[labels_per_file > 1].index[0]
+        raise DataError(f"{path} gives {int((labels_per_file > 1).sum())} file(s) two or more labels (e.g. {clash}: "
+                        f"{', '.join(sorted(df.label[df.file == clash].unique()))}); keep one label per file")
+    df = df.drop_duplicates(["file", "label"])
     exists = df.file.map(lambda f: Path(f).is_file())
-    skipped = Counter({"missing file": int((~exists).sum())} if (~exists).any() else {})
+    if (~exists).any(): skipped["missing file"] += int((~exists).sum())
     df = df[exists]
     if df.empty:
         raise DataError(f"none of the files listed in {path} exist; paths are read relative to the CSV's folder")
@@ -345,7 +379,7 @@ def default_workers(device=None) -> int:
     except AttributeError: cores = os.cpu_count() or 1
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     # On the CPU the model needs every core: measured on 2 cores, one worker made lr_find 4.7x slower (the model's
-    # OpenMP threads spin against the worker process), while the cached pipeline costs ~2 % of a training step.
+    # OpenMP threads spin against the worker process), while the cached pipeline costs ~4 % of a training step.
     # A GPU waits for its batches instead, so there the workers take every core but one.
     return max(0, min(8, cores - 1)) if cuda else 0
 
@@ -426,6 +460,9 @@ def radiograph_dataloaders(
         if not (items.split == split).any():
             raise DataError(f"the data has no {split} images; check the dataset's splits")
     classes = sorted(items.label.unique())
+    if len(classes) < 2:
+        raise DataError(f"the data has one class only ({classes[0]!r}): a classifier needs at least two; "
+                        "add the other classes' images")
     empty_valid = sorted(set(classes) - set(items[items.split == "valid"].label))
     if set(items[items.split == "train"].label) != set(classes):
         missing = sorted(set(classes) - set(items[items.split == "train"].label))
@@ -471,9 +508,7 @@ def radiograph_dataloaders(
 
 def save_batch(dls, path, max_n: int = 9, split: int = 0) -> Path:
     "Save `show_batch` of the train (0) or valid (1) DataLoader as a PNG; works without a display."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .evaluate import plt  # pyplot on the file backend, or a notebook's own
     dls[split].show_batch(max_n=max_n, figsize=(9, 9))
     path = Path(path)
     plt.gcf().savefig(path, bbox_inches="tight")

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from .data import load_table
-from .errors import cli_errors
+from .errors import ArgumentParser, cli_errors
 
 __all__ = ["main", "format_summary"]
 
@@ -27,7 +27,7 @@ def format_summary(table) -> str:
 
 @cli_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fracture_fastai.dataset", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    parser = ArgumentParser(prog="python -m fracture_fastai.dataset", description=__doc__.split("\n")[0].split(": ", 1)[1])
     parser.add_argument("path", help="a YOLO export (folder with data.yaml), a folder tree of classes, or a CSV (file,label[,split])")
     parser.add_argument("--json", action="store_true", help='print one JSON object {"splits": {split: {class: n}}, "skipped": {reason: n}}')
     parser.add_argument("--valid-pct", type=float, default=0.2, help="share of train's radiographs held out when the data has no validation split")

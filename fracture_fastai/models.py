@@ -57,6 +57,7 @@ def register_arch(name: str,  # the name users pass as --arch
                   description: str = ""):
     "Add an arch to `ARCHS` and return its spec; without `model`, a decorator (like timm's `register_model`)."
     if kind not in KINDS: raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    name = _arch_key(name)
     if model is None:
         def _decorate(builder):
             register_arch(name, kind, builder, packages, description or (builder.__doc__ or "").split("\n")[0])
@@ -72,11 +73,16 @@ def list_archs() -> list[str]:
     return list(ARCHS)
 
 
+def _arch_key(name) -> str:
+    "The one rule for arch names: case and surrounding spaces do not count ('ResNet18' is 'resnet18')."
+    return str(name).strip().lower()
+
+
 def get_arch(name: str) -> ArchSpec:
-    "The spec for `name`; an unknown name is an `ArchError` that lists the registered ones."
+    "The spec for `name` (any case); an unknown name is an `ArchError` that lists the registered ones."
     if isinstance(name, ArchSpec): return name
-    spec = ARCHS.get(str(name).strip().lower())
-    if spec is None: raise ArchError(f"unknown arch {name!r}; choose one of: {', '.join(list_archs())}")
+    spec = ARCHS.get(_arch_key(name))
+    if spec is None: raise ArchError(f"unknown architecture {name!r}; choose one of: {', '.join(list_archs())}")
     return spec
 
 
@@ -181,9 +187,9 @@ def _read_state_dict(path) -> dict:
             # fastai's `learn.save` also holds the optimizer state, which pickles fastcore's L: allow it as fastai does.
             with torch.serialization.safe_globals([L]):
                 sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                           " (expected a state_dict saved with torch.save, or .safetensors)") from None
+    except Exception:  # torch's own message advises weights_only=False, i.e. running the file's code: not ours to give
+        raise WeightsError(f"cannot read weights file {path}: not a state_dict saved with torch.save, nor .safetensors; "
+                           "pass the ImageNet weights file of the arch") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict): sd = sd[wrapper]
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):

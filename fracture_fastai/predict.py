@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import IMAGE_EXTS
-from .errors import UserError, cli_errors
+from .errors import ArgumentParser, UserError, check_writable, cli_errors
 
 __all__ = ["load_export", "find_images", "predict_files", "main"]
 
@@ -35,17 +35,31 @@ def load_export(
             warnings.filterwarnings("ignore", message=".*load_learner.*insecure pickle")
             learn = load_learner(path, cpu=True)
     except AttributeError as e:
+        if "Can't get attribute" not in str(e): raise UserError(_not_an_export(path)) from None
         # pickle names a class or function that the installed package no longer (or not yet) has
         raise UserError(f"cannot load {path}: it needs {str(e).splitlines()[-1].strip()} "
                         "that this fracture_fastai lacks; predict with the version that made it") from None
     except Exception:
-        raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})") from None
+        raise UserError(_not_an_export(path)) from None
     if not isinstance(learn, Learner):
-        raise UserError(f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})")
+        raise UserError(_not_an_export(path))
     import torch
     # Channels-last convolutions: measured 1.45x the images/s of the contiguous layout on a 2-core CPU (lite0, 192 px).
     learn.model.to(memory_format=torch.channels_last)
     return learn
+
+
+def _not_an_export(path) -> str:
+    "What `path` is, if it is not an export, and what to pass instead."
+    import torch
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        content = None
+    if isinstance(content, dict) and any(isinstance(v, torch.Tensor) for v in content.values()):
+        return (f"cannot load {path}: it is a state_dict (model weights alone, such as a run's models/best.pth), not an "
+                f"export; pass the run's export.pkl ({_MAKE_EXPORT})")
+    return f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})"
 
 
 def find_images(
@@ -126,7 +140,7 @@ def add_export_and_images(p: argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fracture_fastai.predict",
         description="Predict the class of radiographs with an exported fastai Learner (export.pkl from "
                     "python -m fracture_fastai.run). Prints file<TAB>class<TAB>probability per image, or writes a CSV.",
@@ -157,9 +171,7 @@ def _predict_command(args) -> int:
         print(f"skipped {p}: no such file or folder", file=sys.stderr)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
-    csv = Path(args.csv) if args.csv else None
-    if csv is not None and csv.is_dir():
-        raise UserError(f"--csv {csv} is a folder; give a file name such as {csv / 'predictions.csv'}")
+    csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
     learn = load_export(args.export)
     table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
     for f, reason in failures:

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import UserError, cli_errors
+from .errors import ArgumentParser, UserError, cli_errors
 
 __all__ = ["render_report", "write_report", "main"]
 
@@ -260,7 +260,7 @@ def write_report(
 @cli_errors
 def main(argv=None):
     "Command line: (re)write RUN_DIR/report.html and print its path."
-    p = argparse.ArgumentParser(prog="python -m fracture_fastai.report",
+    p = ArgumentParser(prog="python -m fracture_fastai.report",
                                 description="Write report.html into a run folder: config, metrics, history and every "
                                             "plot in one self-contained file that any browser opens.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by python -m fracture_fastai.run")

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .errors import ArchError, UserError, cli_errors
+from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .evaluate import write_json
 
 __all__ = ["main", "parse_args", "run", "new_run_dir"]
@@ -33,7 +33,7 @@ def _lr(text: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     archs = _archs()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fracture_fastai.run",
         description="Train, evaluate, interpret and export one model; everything goes to a new run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -81,20 +81,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
     e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     args = p.parse_args(argv)
-    if args.arch not in archs:
-        raise ArchError(f"unknown architecture {args.arch!r}; choose one of: {', '.join(archs)}")
-    for name in ("epochs", "bs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.size is not None and args.size < 32:
-        raise UserError(f"--size must be at least 32 px, got {args.size}")
-    if args.sample is not None and args.sample < 1:
-        raise UserError(f"--sample must be at least 1, got {args.sample}")
-    if args.min_size < 0 or 0 < args.min_size < 32:
-        raise UserError(f"--min-size must be 0 (off) or at least 32 px, got {args.min_size}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    from .models import get_arch
+    args.arch = get_arch(args.arch).name  # one rule for names everywhere: case-insensitive (ArchError if unknown)
+    _check_options(args)
     return args
+
+
+def _check_options(args):
+    "Every option that can be checked, checked before any data is read: a typo costs a second, never a run folder."
+    import math
+    def need(ok, name, what):
+        if not ok: raise UserError(f"--{name} must be {what}, got {getattr(args, name.replace('-', '_'))}")
+    for name in ("epochs", "bs", "cycle-len", "cycle-mult"):
+        need(getattr(args, name.replace("-", "_")) >= 1, name, "at least 1")
+    for name in ("freeze-epochs", "patience"):
+        need(getattr(args, name.replace("-", "_")) >= 0, name, "0 or more")
+    need(args.size is None or args.size >= 32, "size", "at least 32 px")
+    need(args.sample is None or args.sample >= 1, "sample", "at least 1")
+    need(args.min_size == 0 or args.min_size >= 32, "min-size", "0 (off) or at least 32 px")
+    need(args.num_workers is None or args.num_workers >= 0, "num-workers", "0 or more")
+    need(math.isfinite(args.lr_mult) and args.lr_mult > 0, "lr-mult", "a positive number")
+    need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
+    need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
+    need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)
+        if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+            raise UserError(f"run folder {args.out!r} already holds a run; pass a new --out (earlier results are kept)")
+    if args.weights is not None and not Path(args.weights).expanduser().is_file():
+        raise UserError(f"--weights {args.weights}: no such file; pass a state_dict (.pth/.pt/.safetensors)")
 
 
 def new_run_dir(out, arch: str) -> Path:

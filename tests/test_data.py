@@ -294,3 +294,64 @@ def test_copies_must_be_known(tmp_path):
     from fracture_fastai.data import radiograph_dataloaders
     with pytest.raises(DataError, match="copies"):
         radiograph_dataloaders(_grouped_table(tmp_path), size=16, copies="some")
+
+
+def test_an_empty_class_folder_is_reported(tmp_path):
+    for cls in ("elbow", "wrist"):
+        for i in range(3):
+            _png(tmp_path / cls / f"{cls}{i}.png")
+    (tmp_path / "shoulder").mkdir()
+    table = load_table(tmp_path)
+    assert table.classes == ["elbow", "wrist"]
+    assert any("shoulder" in n and "no images" in n for n in table.notes)
+
+
+def test_one_class_is_refused(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    for i in range(4):
+        _png(tmp_path / "elbow" / f"e{i}.png")
+    with pytest.raises(DataError, match="one class only"):
+        radiograph_dataloaders(load_table(tmp_path), size=16)
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.run", "--arch", "cnn", "--data", str(tmp_path),
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert res.returncode == 2 and "one class only" in res.stderr and not (tmp_path / "run").exists()
+
+
+def _yolo_export(tmp_path, label_lines, yaml_text="names: ['elbow positive', 'wrist positive']\ntrain: train/images\n"):
+    (tmp_path / "data.yaml").write_text(yaml_text)
+    for i, line in enumerate(label_lines):
+        _png(tmp_path / "train" / "images" / f"r{i}.png")
+        (tmp_path / "train" / "labels").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "labels" / f"r{i}.txt").write_text(line + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("0 inf 0.5 0.2 0.2", "label line with inf or nan"), ("1 nan 0.5 0.2 0.2", "label line with inf or nan"),
+    ("0 1e400 0.5 0.2 0.2", "label line with inf or nan"), ("-1 0.5 0.5 0.2 0.2", "negative or fractional class id"),
+    ("0 0.5 0.5 3.0 0.2", "label outside the image (coordinates beyond 0..1)"),
+    ("0 0.1 0.1 1.7 0.1 0.5 0.9", "label outside the image (coordinates beyond 0..1)"),
+    ("zero 0.5 0.5 0.2 0.2", "label line not numeric"), ("0 0.5 0.5 0.2", "label line of the wrong length")])
+def test_broken_yolo_label_lines_are_left_out_and_counted(tmp_path, line, reason):
+    good = ["0 0.5 0.5 0.2 0.2", "1 0.1 0.1 0.3 0.1 0.2 0.4"]
+    table = read_yolo(_yolo_export(tmp_path, good + [line]))
+    assert len(table.df) == 2 and table.skipped[reason] == 1 and table.skipped["unlabelled"] == 1
+
+
+def test_data_yaml_must_be_a_mapping(tmp_path):
+    with pytest.raises(DataError, match="not a mapping"):
+        read_yolo(_yolo_export(tmp_path, ["0 0.5 0.5 0.2 0.2"], yaml_text="- train\n- val\n"))
+
+
+def test_csv_edge_cases(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name)
+    (tmp_path / "header.csv").write_text("file,label\n")
+    with pytest.raises(DataError, match="lists no images"):
+        read_csv(tmp_path / "header.csv")
+    (tmp_path / "two.csv").write_text("file,label\na.png,elbow\na.png,wrist\nb.png,wrist\n")
+    with pytest.raises(DataError, match="two or more labels.*a.png: elbow, wrist"):
+        read_csv(tmp_path / "two.csv")
+    (tmp_path / "gaps.csv").write_text("file,label\na.png,elbow\nb.png,\nc.png,  \n,wrist\na.png,elbow\n")
+    table = read_csv(tmp_path / "gaps.csv")
+    assert list(table.df.label) == ["elbow"] and table.skipped == {"empty label": 2, "row without a file": 1}

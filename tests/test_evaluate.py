@@ -237,3 +237,16 @@ def test_predict_probs_fast_path_matches_get_preds(demo_export):
     labelled = learn.dls.test_dl(valid, with_labels=True)  # a table with labels: fastai's own iteration
     probs, targets = predict_probs(learn, labelled)
     assert torch.allclose(probs, expected, atol=1e-4) and len(targets) == len(valid)
+
+
+def test_a_notebook_keeps_its_matplotlib_backend(demo_export, tmp_path):
+    "Inside Jupyter (ipykernel loaded) the package leaves the notebook's backend alone, also when it plots."
+    import subprocess
+    import sys
+    code = ("import sys, types, matplotlib; sys.modules['ipykernel'] = types.ModuleType('ipykernel'); "
+            "matplotlib.use('svg'); import fracture_fastai.evaluate, fracture_fastai.cam, fracture_fastai.train; "
+            "from fracture_fastai.data import load_table, radiograph_dataloaders, save_batch; "
+            f"save_batch(radiograph_dataloaders(load_table({str(demo_export)!r}), size=32, bs=4, device='cpu'), "
+            f"{str(tmp_path / 'b.png')!r}); print(matplotlib.get_backend())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "svg", res.stderr[-500:]

@@ -294,3 +294,15 @@ def test_timm_weights_from_the_hugging_face_cache(dls, tmp_path):
     for key, value in learn.model[0].model.state_dict().items():
         assert torch.equal(value, sd[key]), key
     _assert_frozen(learn)
+
+
+def test_arch_names_follow_one_rule():
+    "Case does not count, in the registry as in get_arch and on the command line."
+    from fracture_fastai.models import ARCHS, FractureCNN, get_arch, list_archs, register_arch
+    try:
+        spec = register_arch("MyNet", "custom", FractureCNN)
+        assert "mynet" in list_archs() and get_arch("MyNet") is spec and get_arch(" MYNET ") is spec
+    finally:
+        ARCHS.pop("mynet", None)
+    from fracture_fastai.run import parse_args
+    assert parse_args(["--arch", "ResNet18"]).arch == "resnet18"

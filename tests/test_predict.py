@@ -138,3 +138,36 @@ def test_predict_files_keeps_order_across_chunks(export):
     assert np.allclose(table[CLASSES].sum(axis=1), 1.0, atol=1e-5)
     table, failures = predict_files(learn, [mixed / "corrupt.jpg"])
     assert len(table) == 0 and list(table.columns) == ["file", "class", "probability", *CLASSES]
+
+
+@pytest.mark.parametrize("where,message", [("folder", "is a folder"), ("under_file", "lies under the file")])
+def test_cli_csv_place_is_checked_before_predicting(export, tmp_path, where, message):
+    pkl, _, mixed = export
+    (tmp_path / "a_file").write_text("x")
+    csv_path = tmp_path if where == "folder" else tmp_path / "a_file" / "preds.csv"
+    r = _run(pkl, mixed, "--csv", csv_path, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_state_dict_is_named_for_what_it_is(tmp_path):
+    import torch
+    from fracture_fastai.errors import UserError
+    from fracture_fastai.predict import load_export
+    sd = tmp_path / "best.pth"
+    torch.save({"0.weight": torch.zeros(2, 2)}, sd)
+    with pytest.raises(UserError, match="it is a state_dict .* pass the run's export.pkl"):
+        load_export(sd)
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(UserError, match="not a fastai export.pkl"):
+        load_export(junk)
+
+
+def test_random_bytes_as_weights_get_our_message(tmp_path):
+    from fracture_fastai.errors import WeightsError
+    from fracture_fastai.models import resolve_weights
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(os.urandom(512))
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("resnet18", weights=junk).state_dict()
+    assert "not a state_dict saved with torch.save" in str(err.value) and "weights_only" not in str(err.value)

@@ -99,3 +99,39 @@ def test_help_lists_the_architectures():
     res = _cli("fracture_fastai.run", "--help")
     from fracture_fastai.models import list_archs
     assert res.returncode == 0 and all(a in res.stdout for a in list_archs())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-1"], "--lr: must be a positive number"), (["--lr", "fast"], "expected a number or 'find'"),
+    (["--schedule", "sgdr", "--cycle-len", "0"], "--cycle-len must be at least 1"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"), (["--wd", "-0.1"], "--wd must be 0 or more"),
+    (["--lr-mult", "0"], "--lr-mult must be a positive number"), (["--valid-pct", "1.5"], "--valid-pct must be between"),
+    (["--weights", "/no/such.pth"], "no such file"), (["--schedule", "cosine"], "invalid choice"),
+    (["--bogus"], "unrecognized arguments")])
+def test_options_are_checked_before_any_work(args, message, tmp_path):
+    res = _cli("fracture_fastai.run", "--data", "/no/such/folder", *args, "--out", str(tmp_path / "never"))
+    assert res.returncode == 2 and message in res.stderr, res.stderr  # the option, not the missing data, is reported
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_unusable_out_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for out, message in [(tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "run", "lies under the file")]:
+        res = _cli("fracture_fastai.run", "--data", "/no/such/folder", "--out", str(out))
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_check_writable_without_permission(tmp_path):
+    import os
+    from fracture_fastai.errors import UserError, check_writable
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: permissions do not bind")
+        with pytest.raises(UserError, match="no permission"):
+            check_writable(locked / "run", "--out", folder=True)
+    finally:
+        locked.chmod(0o700)

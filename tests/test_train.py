@@ -176,3 +176,18 @@ def test_progressive_keeps_the_best_full_size_epoch(demo_export, tmp_path):
     assert summary["sizes"] == [32, 32, 64] and summary["best_epoch"] == 2  # the only epoch at full size
     val_loss = learn.validate()[0]
     assert val_loss == pytest.approx(pd.read_csv(tmp_path / "history.csv").valid_loss.iloc[2], rel=1e-4)
+
+
+def test_the_model_gets_plain_tensors(demo_dls):
+    from fastai.callback.core import Callback
+
+    class _Types(Callback):
+        order = 2  # after PlainInputs
+        def before_batch(self): self.seen = type(self.xb[0])
+    learn = radiograph_learner("cnn", demo_dls)
+    spy = _Types()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=spy)
+    assert type(demo_dls.one_batch()[0]).__name__ == "TensorImage" and spy.seen is torch.Tensor
+    preds, targets = learn.get_preds()
+    assert preds.shape == (len(demo_dls.valid_ds), demo_dls.c)
