@@ -18,7 +18,7 @@ import pandas as pd
 from .errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
-           "read_folders", "read_csv", "load_table", "drop_unreadable", "grouped_split", "sample_per_class", "class_weights", "save_batch",
+           "read_folders", "read_csv", "load_table", "image_problem", "drop_unreadable", "grouped_split", "sample_per_class", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE", "COPIES", "default_workers", "RadiographDL"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -286,21 +286,60 @@ def grouped_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> p
     return df
 
 
+def image_problem(path) -> str | None:
+    "None if the image at `path` decodes completely, else why not: 'unreadable image' or 'image too large'."
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89 Mpx: refused, as over 179 Mpx
+            with Image.open(path) as im:
+                im.load()  # every byte decoded: a truncated file fails here, not in the middle of an epoch
+                return None if im.size[0] > 0 and im.size[1] > 0 else "unreadable image"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image too large"
+    except Exception:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... for broken files
+        return "unreadable image"
+
+
+def _verdicts_file() -> Path | None:
+    from .cache import default_cache_dir
+    root = default_cache_dir()
+    return None if root is None else root / "image-verdicts-v1.json"
+
+
 def drop_unreadable(table: DataTable) -> DataTable:
-    "Leave out (and count) files whose image header cannot be read, so one corrupt file cannot stop a run mid-epoch."
-    from PIL import Image, UnidentifiedImageError
-
-    def readable(f):
-        try:
-            with Image.open(f) as im:
-                return im.size[0] > 0 and im.size[1] > 0
-        except (OSError, UnidentifiedImageError, ValueError):
-            return False
-
-    ok = table.df.file.map(readable)
-    if (~ok).any():
-        table.skipped["unreadable image"] += int((~ok).sum())
-        table.df = table.df[ok].reset_index(drop=True)
+    "Leave out (and count, by reason) files that do not decode completely, so one bad file cannot stop a run mid-epoch."
+    import json
+    import os
+    import tempfile
+    # A full decode of every image takes seconds: the verdicts are kept beside the preprocessing cache, keyed by
+    # path, size and modification time, so that a second load of the same data only looks them up.
+    store = _verdicts_file()
+    try: verdicts = json.loads(store.read_text()) if store is not None and store.is_file() else {}
+    except (OSError, ValueError): verdicts = {}
+    new, problems = 0, []
+    for f in table.df.file:
+        try: st = os.stat(f)
+        except OSError:
+            problems.append("unreadable image")
+            continue
+        key = f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in verdicts:
+            verdicts[key], new = image_problem(f) or "", new + 1
+        problems.append(verdicts[key] or None)
+    if new and store is not None:
+        try:  # atomic, so two runs sharing the store never leave half a file; a lost update only costs a re-check
+            store.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as out: json.dump(verdicts, out)
+            os.replace(tmp, store)
+        except OSError:
+            pass
+    problems = pd.Series(problems, index=table.df.index)
+    for reason, n in problems.value_counts().items():
+        table.skipped[reason] += int(n)
+    table.df = table.df[problems.isna()].reset_index(drop=True)
     if table.df.empty:
         raise DataError("none of the images can be read; check that the files are images (jpg, png, ...)")
     return table

@@ -355,3 +355,31 @@ def test_csv_edge_cases(tmp_path):
     (tmp_path / "gaps.csv").write_text("file,label\na.png,elbow\nb.png,\nc.png,  \n,wrist\na.png,elbow\n")
     table = read_csv(tmp_path / "gaps.csv")
     assert list(table.df.label) == ["elbow"] and table.skipped == {"empty label": 2, "row without a file": 1}
+
+
+def test_truncated_and_oversized_images_are_left_out_and_counted(tmp_path):
+    import io
+    for cls in ("elbow", "wrist"):
+        for i in range(3):
+            _png(tmp_path / cls / f"{cls}{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "elbow" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # header intact
+    Image.new("1", (14000, 14000)).save(tmp_path / "wrist" / "bomb.png")  # 196 Mpx, a few kB on disk
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.dataset", str(tmp_path), "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    skipped = json.loads(res.stdout)["skipped"]
+    assert skipped == {"unreadable image": 1, "image too large": 1}
+    table = load_table(tmp_path)  # the second load reads the verdicts
+    assert len(table.df) == 6 and not {Path(f).stem for f in table.df.file} & {"truncated", "bomb"}
+
+
+def test_image_verdicts_follow_the_file(tmp_path):
+    from fracture_fastai.data import drop_unreadable, DataTable
+    good = _png(tmp_path / "a.png")
+    df = pd.DataFrame([dict(file=str(good), label="x", split="train", group="a", polygons=[])])
+    assert len(drop_unreadable(DataTable(df.copy())).df) == 1
+    good.write_bytes(b"now broken")  # the same path, new content: checked again
+    with pytest.raises(DataError, match="none of the images"):
+        drop_unreadable(DataTable(df.copy()))
