@@ -475,14 +475,15 @@ def _readable_items(dl, idxs, files) -> tuple:
 def _cam_command(args) -> int:
     "Draw the overlays of parsed `args`; the exit code."
     from .data import IMAGE_EXTS
-    from .predict import find_images, load_export
+    from .model_io import load_any
+    from .predict import find_images
     if args.bs < 1: raise UserError(f"--bs must be at least 1; got {args.bs}")
     files, missing = find_images(args.paths)
     for p in missing: print(f"skipped {p}: no such file or folder", file=sys.stderr)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     out = check_writable(args.out, "--out", folder=True)
-    learn = load_export(args.export)
+    learn = load_any(args.export)
     vocab = _vocab(learn)
     target = None if args.target is None else _class_index(learn, args.target, learn.dls.c)
     dl = _set_split(learn.dls.test_dl([str(f) for f in files], bs=args.bs))

@@ -28,7 +28,7 @@ import fastai.vision.models as fv_models
 from .errors import ArchError, UserError, WeightsError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
-           "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "create_learner",
+           "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "build_model", "create_learner",
            "count_params"]
 
 PRETRAINED = ("auto", "require", "none")
@@ -424,6 +424,18 @@ def _load_pretrained(module: nn.Module, spec: ArchSpec, info: WeightsInfo):
 
 
 # ---------------------------------------------------------------- the factory
+
+def build_model(arch: str,  # a registered arch name
+                n_out: int,  # number of classes
+                n_in: int = 3):  # input channels
+    "The untrained model of `arch` exactly as `create_learner` builds it (fastai's body and head), for loading saved weights."
+    from fastai.vision.learner import create_timm_model, create_vision_model, default_split
+    spec = get_arch(arch)
+    if spec.kind == "custom": return spec.model(n_out, n_in=n_in)
+    # The very calls vision_learner makes, arguments included, so that a saved state_dict fits key for key.
+    if spec.kind == "timm": return create_timm_model(spec.model, n_out, default_split, False, n_in=n_in)[0]
+    return create_vision_model(spec.model, n_out, pretrained=False, n_in=n_in)
+
 
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {"dls", "model"}
 

@@ -19,6 +19,18 @@ __all__ = ["load_export", "find_images", "predict_files", "main"]
 _MAKE_EXPORT = "make one with python -m fracture_fastai.run"
 
 
+_warned_pickle = False
+
+
+def _warn_pickle(path):
+    "Say once per process that an export is a pickle, and what loads without running code."
+    global _warned_pickle
+    if not _warned_pickle:
+        _warned_pickle = True
+        print(f"warning: {path} is a pickle: loading it runs whatever code it holds, so load only your own. A run "
+              "folder or its model.json loads without running code.", file=sys.stderr)
+
+
 def load_export(
     path,  # an export.pkl written by `Learner.export`
 ):
@@ -43,6 +55,7 @@ def load_export(
         raise UserError(_not_an_export(path)) from None
     if not isinstance(learn, Learner):
         raise UserError(_not_an_export(path))
+    _warn_pickle(path)
     import torch
     # Channels-last convolutions: measured 1.45x the images/s of the contiguous layout on a 2-core CPU (lite0, 192 px).
     learn.model.to(memory_format=torch.channels_last)
@@ -58,7 +71,7 @@ def _not_an_export(path) -> str:
         content = None
     if isinstance(content, dict) and any(isinstance(v, torch.Tensor) for v in content.values()):
         return (f"cannot load {path}: it is a state_dict (model weights alone, such as a run's models/best.pth), not an "
-                f"export; pass the run's export.pkl ({_MAKE_EXPORT})")
+                f"export; pass the run folder, its model.json or its export.pkl ({_MAKE_EXPORT})")
     return f"cannot load {path}: not a fastai export.pkl ({_MAKE_EXPORT})"
 
 
@@ -134,7 +147,8 @@ def predict_files(
 
 def add_export_and_images(p: argparse.ArgumentParser):
     "The arguments every export-using command takes: the export, then images or folders."
-    p.add_argument("export", help="export.pkl written by fracture_fastai.run (Learner.export)")
+    p.add_argument("export", metavar="MODEL", help="a run folder of fracture_fastai.run or its model.json (both load "
+                   "without running code from the files), or an export.pkl (a pickle: only your own)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
 
@@ -172,7 +186,8 @@ def _predict_command(args) -> int:
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
-    learn = load_export(args.export)
+    from .model_io import load_any
+    learn = load_any(args.export)
     table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)

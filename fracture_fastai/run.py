@@ -157,6 +157,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     from .cam import gradcam_grid, score_localisation
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves
     from .report import write_report
+    from .model_io import save_model
     from .train import export_learner, radiograph_learner, train
 
     with phases("learner"):
@@ -194,7 +195,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     with phases("gradcam"):
         gradcam_grid(learn, out / "gradcam.png")
     with phases("export"):
-        export_learner(learn, out / "export.pkl")
+        export_learner(learn, out / "export.pkl")  # fastai's pickle, for fastai users
+        save_model(learn, out, versions=config["versions"])  # model.safetensors + model.json: loads without running code
     with phases("report"):
         config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                       finished=datetime.now().isoformat(timespec="seconds"), phases=phases)

@@ -155,7 +155,7 @@ def test_a_state_dict_is_named_for_what_it_is(tmp_path):
     from fracture_fastai.predict import load_export
     sd = tmp_path / "best.pth"
     torch.save({"0.weight": torch.zeros(2, 2)}, sd)
-    with pytest.raises(UserError, match="it is a state_dict .* pass the run's export.pkl"):
+    with pytest.raises(UserError, match="it is a state_dict .* pass the run folder"):
         load_export(sd)
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(os.urandom(256))

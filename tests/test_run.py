@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "lr_find.png", "curves.png", "confusion_matrix.png",
-             "top_losses.png", "export.pkl", "report.html", "gradcam.png"}
+             "top_losses.png", "export.pkl", "report.html", "gradcam.png", "model.json", "model.safetensors"}
 
 
 def _cli(*args, env=None, **kw):
@@ -60,6 +60,21 @@ def test_predict_on_the_export_in_a_fresh_process(real_run, yolo_export, tmp_pat
     preds = pd.read_csv(tmp_path / "p.csv")
     assert list(preds.columns[:3]) == ["file", "class", "probability"] and len(preds) == 3
     assert set(preds["class"]) <= set(preds.columns[3:])
+
+
+def test_the_safe_model_predicts_as_the_export_in_fresh_processes(real_run, yolo_export, tmp_path):
+    "The run folder (model.json + model.safetensors, no pickle) gives the export.pkl's probabilities."
+    out, _ = real_run
+    images = [str(p) for p in sorted((yolo_export / "val" / "images").iterdir())[:6]]
+    safe = _cli("fracture_fastai.predict", str(out), *images, "--csv", str(tmp_path / "safe.csv"))
+    pickle = _cli("fracture_fastai.predict", str(out / "export.pkl"), *images, "--csv", str(tmp_path / "pickle.csv"))
+    assert safe.returncode == 0 and pickle.returncode == 0, safe.stderr[-2000:] + pickle.stderr[-2000:]
+    assert "is a pickle" in pickle.stderr and "pickle" not in safe.stderr  # the pickle path says what it is, once
+    a, b = pd.read_csv(tmp_path / "safe.csv"), pd.read_csv(tmp_path / "pickle.csv")
+    assert list(a["class"]) == list(b["class"]) and (a.iloc[:, 2:] - b.iloc[:, 2:]).abs().max().max() <= 1e-5
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["arch"] == "cnn" and meta["size"] == [64, 64] and len(meta["classes"]) == 6
+    assert {"clahe_clip", "clahe_grid", "median", "denoise"} <= set(meta["preprocess"]) and "fastai" in meta["versions"]
 
 
 def test_existing_run_folder_is_never_overwritten(real_run):
