@@ -82,10 +82,12 @@ pd.DataFrame(metrics["valid"]["per_class"]).T'''),
 for name in ("lr_find.png", "curves.png", "confusion_matrix.png", "top_losses.png", "gradcam.png"):
     if (run_dir / name).exists():
         print(name); display(Show(filename=str(run_dir / name), width=520))'''),
-        ("md", "## Predict with the export\n`export.pkl` carries the preprocessing: `load_learner` in a fresh process "
-               "needs only the package."),
-        ("code", '''from fracture_fastai.predict import load_export, predict_files
-learn = load_export(run_dir / "export.pkl")
+        ("md", "## Predict with the saved model\n`model.json` + `model.safetensors` carry the arch, the preprocessing "
+               "and the weights: `load_model` rebuilds the model without unpickling anything (`export.pkl`, fastai's "
+               "pickle, is there too, for `load_learner`)."),
+        ("code", '''from fracture_fastai import load_model
+from fracture_fastai.predict import predict_files
+learn = load_model(run_dir)
 files = [str(f) for f in sorted((Path(DATA) / "val" / "images").iterdir())[:4]] if DATA else None
 if files is None:
     from fracture_fastai.demo import demo_dir
