@@ -28,3 +28,13 @@ def demo_export(tmp_path_factory) -> Path:
     "A small synthetic YOLO export made by the package's demo generator."
     from fracture_fastai.demo import make_demo
     return make_demo(tmp_path_factory.mktemp("demo") / "demo", n_train=6, n_valid=2, n_test=2, size=64)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    "One torch thread for a module: tiny batches gain nothing from two, and on a busy 2-core machine two can stall for seconds."
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

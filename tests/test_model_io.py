@@ -14,12 +14,7 @@ from fracture_fastai.model_io import load_any, load_model, save_model
 from fracture_fastai.train import export_learner, radiograph_learner
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["cnn", "tf_efficientnet_lite0", "resnet18"])  # custom, timm, torchvision

@@ -16,13 +16,7 @@ from fracture_fastai.models import (FractureCNN, arch_stats, count_params, creat
 N_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "One torch thread: tiny batches gain nothing from two, and on a busy 2-core machine two can stall for seconds."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

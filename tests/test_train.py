@@ -9,12 +9,7 @@ from fracture_fastai.train import (CPUBFloat16, ProgressiveResize, export_learne
                                    progressive_sizes, radiograph_learner, resolve_precision, train)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
