@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ImageNet weights: auto = use them when found, else train from scratch")
     g.add_argument("--weights", default=None, help="a state_dict file of ImageNet weights for --arch")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: fp16 on a CUDA GPU, bf16 on a CPU with native bf16, else fp32")
+                   help="auto: fp16 on a CUDA GPU, fp32 on the CPU (bf16 measured no faster there)")
     g.add_argument("--seed", type=int, default=42)
     d = p.add_argument_group("data")
     d.add_argument("--size", type=int, default=None, help=f"square input size in px; default {SIZE}, {DEMO_SIZE} on the demo")

@@ -23,7 +23,7 @@ from .data import class_weights
 from .errors import UserError
 from .models import create_learner
 
-__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "cpu_has_bf16", "resolve_precision", "CPUBFloat16",
+__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
            "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "fit_warm_restarts", "train",
            "export_learner"]
@@ -34,12 +34,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # fastai's `fine_tune` default. Measured on the YOLO export (lite0, 10 short epochs): lr_find's valley at the small
 # first size (6.9e-4) reached 0.740 validation accuracy, 2e-3 reached 0.780; and skipping lr_find saves ~30 s.
 FINE_TUNE_LR = 2e-3
-
-
-def cpu_has_bf16() -> bool:
-    "Does this CPU compute bfloat16 natively (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slower than fp32."
-    try: return bool(torch.backends.cpu.get_cpu_capability() != "DEFAULT" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError): return False
 
 
 def resolve_precision(precision: str, device) -> str:
