@@ -369,9 +369,9 @@ def localisation_scores(
 def _find_resize(dl):
     "The fastai `Resize` that sizes `dl`'s inputs: an item transform, or inside a `RadiographLoader`; one, or a `UserError`."
     from fastai.vision.augment import Resize
-    type_tfms = [f for tl in getattr(dl.dataset, "tls", [])[:1] for f in tl.tfms.fs]
+    from .transforms import find_loader
     found = [t for t in dl.after_item.fs if isinstance(t, Resize)]
-    found += [t.resize for t in type_tfms if isinstance(getattr(t, "resize", None), Resize)]
+    found += [find_loader(dl).resize] if find_loader(dl) is not None else []
     if len(found) != 1:
         raise UserError(f"cannot map fracture polygons onto the model input: the DataLoader has {len(found)} fastai "
                         "Resize transforms, not one")

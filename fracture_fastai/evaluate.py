@@ -115,8 +115,6 @@ def _labelled_dl(learn, dl=None):
 
 
 TTA = ("flip", "aug", "none")
-
-
 TTA_SEED = 0  # fastai's tta draws random augmentations: seeded, the same model always gets the same score
 
 

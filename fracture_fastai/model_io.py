@@ -19,8 +19,8 @@ _MAKE_ONE = "make one with python -m fracture_fastai.run"
 def describe_model(learn) -> dict:
     "What it takes to rebuild `learn`'s model and its input pipeline: arch, classes, input size, normalisation, preprocessing."
     from fastai.data.transforms import Normalize
-    from .transforms import RadiographLoader
-    loader = next((t for tl in learn.dls.train.dataset.tls[:1] for t in tl.tfms.fs if isinstance(t, RadiographLoader)), None)
+    from .transforms import find_loader
+    loader = find_loader(learn.dls.train)
     if loader is None:
         raise UserError("the model's inputs do not come from a RadiographLoader; only fracture_fastai's DataLoaders "
                         "(data.radiograph_dataloaders) can be saved as model.json")

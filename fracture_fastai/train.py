@@ -323,11 +323,9 @@ def train(
 
 def _input_size(dls) -> int | None:
     "The side of the DataLoaders' model input (their `RadiographLoader`'s), or None when it cannot be told."
-    for tl in getattr(dls.train.dataset, "tls", [])[:1]:
-        for tfm in tl.tfms.fs:
-            size = getattr(getattr(tfm, "resize", None), "size", None)
-            if size is not None: return int(max(size))
-    return None
+    from .transforms import find_loader
+    loader = find_loader(dls.train)
+    return None if loader is None else int(max(loader.resize.size))
 
 
 def export_learner(learn, path) -> Path:

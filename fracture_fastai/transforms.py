@@ -16,7 +16,7 @@ from PIL import Image
 
 from .errors import DataError, UserError
 
-__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographLoader",
+__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographLoader", "find_loader",
            "radiograph_item_tfms", "radiograph_aug_transforms"]
 
 DENOISE = (None, "gaussian", "bilateral")
@@ -200,6 +200,14 @@ class RadiographLoader(DisplayedTransform):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache = None
+
+
+def find_loader(dl) -> RadiographLoader | None:
+    "The `RadiographLoader` that makes the inputs of the DataLoader `dl`, or None (a pipeline of another kind)."
+    for tl in getattr(getattr(dl, "dataset", None), "tls", [])[:1]:
+        for tfm in tl.tfms.fs:
+            if isinstance(tfm, RadiographLoader): return tfm
+    return None
 
 
 def radiograph_item_tfms(
