@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ArgumentParser, UserError, cli_errors
+from .files import atomic_path, save_figure, write_text
 
 __all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard", "main"]
 
@@ -369,8 +370,7 @@ def plot_leaderboard(
     ax.grid(axis="x", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_leaderboard(
@@ -381,9 +381,10 @@ def write_leaderboard(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "leaderboard.md"
-    md.write_text("# Leaderboard\n\n" + to_markdown(df), encoding="utf-8")
+    write_text("# Leaderboard\n\n" + to_markdown(df), md)
     csv = out / "leaderboard.csv"
-    df.to_csv(csv, index=False)
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
     return [md, csv, plot_leaderboard(df, out / "leaderboard.png")]
 
 

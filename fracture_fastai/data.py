@@ -311,8 +311,6 @@ def _verdicts_file() -> Path | None:
 def drop_unreadable(table: DataTable) -> DataTable:
     "Leave out (and count, by reason) files that do not decode completely, so one bad file cannot stop a run mid-epoch."
     import json
-    import os
-    import tempfile
     # A full decode of every image takes seconds: the verdicts are kept beside the preprocessing cache, keyed by
     # path, size and modification time, so that a second load of the same data only looks them up.
     store = _verdicts_file()
@@ -330,10 +328,8 @@ def drop_unreadable(table: DataTable) -> DataTable:
         problems.append(verdicts[key] or None)
     if new and store is not None:
         try:  # atomic, so two runs sharing the store never leave half a file; a lost update only costs a re-check
-            store.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w") as out: json.dump(verdicts, out)
-            os.replace(tmp, store)
+            from .files import write_text
+            write_text(json.dumps(verdicts), store)
         except OSError:
             pass
     problems = pd.Series(problems, index=table.df.index)
@@ -549,7 +545,7 @@ def save_batch(dls, path, max_n: int = 9, split: int = 0) -> Path:
     "Save `show_batch` of the train (0) or valid (1) DataLoader as a PNG; works without a display."
     from .evaluate import plt  # pyplot on the file backend, or a notebook's own
     dls[split].show_batch(max_n=max_n, figsize=(9, 9))
-    path = Path(path)
-    plt.gcf().savefig(path, bbox_inches="tight")
+    from .files import save_figure
+    path = save_figure(plt.gcf(), path)
     plt.close("all")
     return path

@@ -2,7 +2,6 @@
 history and every plot embedded), readable in any browser without Python, a server or the run folder itself."""
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -10,6 +9,7 @@ import math
 from pathlib import Path
 
 from .errors import ArgumentParser, UserError, cli_errors
+from .files import write_text
 
 __all__ = ["render_report", "write_report", "main"]
 
@@ -251,10 +251,7 @@ def write_report(
     run = Path(run_dir)
     text = render_report(run)
     path = run / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a browser never opens half a report
-    return path
+    return write_text(text, path)  # atomic: a browser never opens half a report
 
 
 @cli_errors

@@ -21,6 +21,7 @@ from fastcore.meta import delegates
 
 from .data import class_weights
 from .errors import UserError
+from .files import atomic_path, save_figure
 from .models import create_learner
 
 __all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "CPUBFloat16",
@@ -132,7 +133,7 @@ class HistoryCallback(Callback):
         self.rows.append(row)
         if self.fname:
             keys = list(dict.fromkeys(k for r in self.rows for k in r))
-            with open(self.fname, "w", newline="") as f:
+            with atomic_path(self.fname) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=keys)
                 writer.writeheader()
                 writer.writerows(self.rows)
@@ -163,7 +164,7 @@ def suggest_lr(learn, out_png=None, num_it: int = 50, lower: float = 1e-5, upper
     with learn.no_bar():
         found = learn.lr_find(num_it=num_it, show_plot=out_png is not None)
     if out_png is not None:
-        plt.gcf().savefig(out_png, bbox_inches="tight")
+        save_figure(plt.gcf(), out_png)
         plt.close("all")
     lr = float(found.valley)
     # A short lr_find on a small dataset can point at the edge of the sweep; clipping keeps a run from diverging.
@@ -337,12 +338,10 @@ def export_learner(learn, path) -> Path:
     learn.remove_cbs(removed)
     model_format = torch.channels_last if any(isinstance(cb, ChannelsLast) for cb in removed) else None
     learn.model.to(memory_format=torch.contiguous_format)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        learn.export(tmp)
-        tmp.replace(path)  # a reader never finds half an export, even if the run is killed while writing
+        with atomic_path(path) as tmp:  # a reader never finds half an export, even if the run is killed while writing
+            learn.export(tmp)
     finally:
-        if tmp.exists(): tmp.unlink()
         learn.add_cbs(removed)
         if model_format is not None: learn.model.to(memory_format=model_format)
     return path
