@@ -75,6 +75,7 @@ def load_model(
     path,  # model.json, or the run folder that holds it
 ):
     "A fastai Learner rebuilt from model.json + model.safetensors: no pickle, so nothing in the files can run code."
+    import fastai.callback.progress  # noqa: F401  (Learner.no_bar and progress bars, as on any fastai Learner)
     import torch
     from fastai.learner import Learner
     from safetensors.torch import load_file
