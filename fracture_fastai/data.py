@@ -469,7 +469,7 @@ def radiograph_dataloaders(
     bs: int = 32,  # batch size
     seed: int = 42,  # seeds the shuffling, the oversampling and the augmentation
     num_workers: int | None = None,  # DataLoader worker processes; None: `default_workers(device)`
-    balance: str = "none",  # class imbalance: 'none', 'oversample' (weighted sampling) or 'weights' (loss weights)
+    balance: str = "none",  # class imbalance: 'oversample' draws each class equally often; 'weights' and 'none' leave sampling be
     clahe: bool = True,  # CLAHE + median filter; False keeps only the grayscale conversion
     flip_vert: bool = False,  # add vertical flips to the augmentation
     augment: bool = True,  # fastai aug_transforms with radiograph defaults
@@ -499,6 +499,8 @@ def radiograph_dataloaders(
         raise DataError(f"the data has one class only ({classes[0]!r}): a classifier needs at least two; "
                         "add the other classes' images")
     empty_valid = sorted(set(classes) - set(items[items.split == "valid"].label))
+    if empty_valid:  # the run goes on, and says which recalls it cannot measure
+        table.notes.append(f"class(es) {empty_valid} have no validation images: their validation recall is not measured")
     if set(items[items.split == "train"].label) != set(classes):
         missing = sorted(set(classes) - set(items[items.split == "train"].label))
         raise DataError(f"class(es) {missing} have no training images; add images or drop the class")
@@ -536,8 +538,6 @@ def radiograph_dataloaders(
         if unknown:
             raise DataError(f"test class(es) {unknown} never occur in train; the model cannot predict them")
         dls.loaders.append(dls.test_dl(test.reset_index(drop=True), with_labels=True))
-    dls.balance = balance
-    dls.empty_valid_classes = empty_valid
     return dls
 
 

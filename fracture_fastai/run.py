@@ -199,14 +199,15 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves
     from .report import write_report
     from .model_io import save_model
-    from .train import CHECKPOINT, export_learner, radiograph_learner, train
+    from .train import CHECKPOINT, export_learner, precision_of, radiograph_learner, train
 
     with phases("learner"):
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
-                                   label_smoothing=args.label_smoothing, precision=args.precision, path=out)
-    info = learn.weights_info
-    print(f"weights: {info.note}; precision: {learn.precision}", flush=True)
-    config.update(weights=info.source, precision=learn.precision)
+                                   label_smoothing=args.label_smoothing, balance=args.balance, precision=args.precision,
+                                   path=out)
+    info, precision = learn.weights_info, precision_of(learn)
+    print(f"weights: {info.note}; precision: {precision}", flush=True)
+    config.update(weights=info.source, precision=precision)
     write_json(config, out / "config.json")
 
     start = time.time()

@@ -24,7 +24,7 @@ from .errors import UserError
 from .files import atomic_path, save_figure
 from .models import create_learner
 
-__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "CPUBFloat16",
+__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "precision_of", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
            "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "fit_warm_restarts", "train",
            "Checkpoint", "load_checkpoint",
@@ -49,6 +49,15 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "fp16" and not cuda:
         raise UserError("precision fp16 needs a CUDA GPU; on the CPU use bf16 (or auto)")
     return precision
+
+
+def precision_of(learn) -> str:
+    "'fp16', 'bf16' or 'fp32': what `learn`'s callbacks compute in (the callbacks are the truth, not a recorded flag)."
+    from fastai.callback.fp16 import AMPMode, MixedPrecision
+    for cb in learn.cbs:
+        if isinstance(cb, CPUBFloat16): return "bf16"
+        if isinstance(cb, MixedPrecision): return "bf16" if cb.amp_mode == AMPMode.BF16 else "fp16"
+    return "fp32"
 
 
 class PlainInputs(Callback):
@@ -88,12 +97,16 @@ def radiograph_learner(
     dls,  # DataLoaders from `radiograph_dataloaders`
     wd: float = 1e-2,  # decoupled weight decay (AdamW)
     label_smoothing: float = 0.0,  # spread this much target probability over the other classes; 0 = plain cross-entropy
+    balance: str = "none",  # class imbalance: 'weights' weighs the loss by inverse class frequency; others leave it plain
     precision: str = "auto",  # 'auto', 'fp32', 'bf16' or 'fp16' (see `resolve_precision`)
     channels_last: bool = True,  # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
     **kwargs,
 ):
-    "A Learner for `arch` with AdamW, accuracy and macro-F1, mixed precision, class-weighted loss when `dls.balance == 'weights'`."
-    weights = class_weights(dls).to(dls.device) if getattr(dls, "balance", "none") == "weights" else None
+    "A Learner for `arch` with AdamW, accuracy and macro-F1, mixed precision, a class-weighted loss when `balance='weights'`."
+    from .data import BALANCE
+    if balance not in BALANCE:
+        raise UserError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+    weights = class_weights(dls).to(dls.device) if balance == "weights" else None
     if not 0 <= label_smoothing < 1:
         raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     # Label smoothing keeps a model from betting everything on a label that may be wrong (a few per cent here are).
@@ -103,9 +116,9 @@ def radiograph_learner(
     learn = create_learner(arch, dls, loss_func=loss, opt_func=Adam, wd=wd,
                            metrics=[accuracy, F1Score(average="macro")], **kwargs)
     learn.add_cb(PlainInputs())
-    learn.precision = resolve_precision(precision, dls.device)
-    if learn.precision == "fp16": learn.to_fp16()
-    elif learn.precision == "bf16":
+    precision = resolve_precision(precision, dls.device)
+    if precision == "fp16": learn.to_fp16()
+    elif precision == "bf16":
         if getattr(dls.device, "type", str(dls.device)) == "cuda": learn.to_bf16()
         else: learn.add_cb(CPUBFloat16())
     if channels_last:
@@ -379,7 +392,7 @@ def train(
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
         learn.add_cb(PlainProgressCallback())
-    pretrained = bool(getattr(getattr(learn, "weights_info", None), "pretrained", False))
+    pretrained = bool(getattr(learn, "pretrained", False))  # fastai's own record (vision_learner's, and create_learner's)
     full = _input_size(learn.dls)
     sizes = progressive_sizes(epochs, min_size, full) if min_size and full else [full] * epochs
     # lr_find and the frozen epochs run at the first size, the one the main phase starts from.
