@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import REGIONS
+from .sources import REGIONS
 
 __all__ = ["demo_dir", "make_demo"]
 
