@@ -1,0 +1,80 @@
+"A binary (fracture or not) run end to end on a generated FracAtlas-shaped folder: its metrics, plots, threshold, predict."
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import make_fracatlas
+
+BINARY_FILES = {"roc.png", "pr.png", "calibration.png", "metrics.json", "model.json", "report.html"}
+BINARY_KEYS = {"positive", "negative", "threshold", "auroc", "auroc_ci95", "average_precision", "sensitivity",
+               "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "ppv_ci95", "npv", "npv_ci95", "brier", "ece",
+               "accuracy", "baseline_accuracy", "subgroups"}
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    data = make_fracatlas(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
+    out = tmp_path_factory.mktemp("runs") / "cnn-fracatlas"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
+               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return data, out, res
+
+
+def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
+    _, out, res = binary_run
+    assert BINARY_FILES <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    valid, test = metrics["valid"]["binary"], metrics["test"]["binary"]
+    assert BINARY_KEYS <= set(valid) and BINARY_KEYS <= set(test)
+    assert valid["positive"] == "fractured" and valid["operating_point"] == "sens=0.90"
+    assert valid["sensitivity"] >= 0.9  # the rule it was chosen by, on the split it was chosen on
+    assert test["threshold"] == valid["threshold"]  # applied unchanged to the test split
+    assert valid["baseline_accuracy"] == pytest.approx(4 / 6)  # 2 fractured, 4 normal in valid
+    assert set(valid["subgroups"]) == {"body_part", "hardware"} and set(valid["subgroups"]["body_part"]) == {"hand", "leg"}
+    # Grad-CAM of 'fractured' on the fractured images: all of them, and the true positives among them
+    loc = metrics["valid"]["localisation"]
+    assert loc["target"] == "fractured" and loc["images"] == "all positives" and loc["n"] == 2
+    assert metrics["valid"].get("localisation_tp", {"n": 0})["n"] == valid["tp"]
+    assert "AUROC" in res.stdout
+    decision = json.loads((out / "model.json").read_text())["decision"]
+    assert decision == {"positive": "fractured", "threshold": valid["threshold"], "operating_point": "sens=0.90",
+                        "chosen_on": "valid"}
+    report = (out / "report.html").read_text()
+    assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
+
+
+def test_predict_applies_the_saved_threshold(binary_run, tmp_path):
+    data, out, _ = binary_run
+    images = sorted((data / "images").rglob("*.jpg"))[:6]
+    threshold = json.loads((out / "model.json").read_text())["decision"]["threshold"]
+    res = _cli("fracture_fastai.predict", str(out), *map(str, images), "--csv", str(tmp_path / "p.csv"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert {"fractured", "normal"} <= set(preds.columns)  # one probability column per class
+    assert (preds["class"] == preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})).all()
+    assert preds.probability.tolist() == pytest.approx(preds.fractured.tolist(), abs=1e-6)
+    # --threshold overrides: 0 calls everything fractured
+    printed = _cli("fracture_fastai.predict", str(out), *map(str, images), "--threshold", "0")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert [line.split("\t")[1] for line in printed.stdout.splitlines()] == ["fractured"] * 6
+    bad = _cli("fracture_fastai.predict", str(out), str(images[0]), "--threshold", "1.5")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path):
+    data, _, _ = binary_run
+    for option, value in (("--positive", "broken"), ("--operating-point", "sens=2")):
+        res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
+                   option, value, "--out", str(tmp_path / "r"))
+        assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr[-1000:]
+        assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
