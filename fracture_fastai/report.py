@@ -15,8 +15,9 @@ __all__ = ["render_report", "write_report", "main"]
 
 # Captions of the plots the runner writes; any other PNG in the folder is shown under its file name.
 _CAPTIONS = {"lr_find.png": "Learning-rate finder", "curves.png": "Loss and accuracy per epoch",
-             "confusion_matrix.png": "Confusion matrix (validation)", "top_losses.png": "Top losses (validation)",
-             "gradcam.png": "Grad-CAM"}
+             "confusion_matrix.png": "Confusion matrix (validation)", "roc.png": "ROC curve, operating point circled",
+             "pr.png": "Precision-recall curve", "calibration.png": "Reliability diagram (calibration)",
+             "top_losses.png": "Top losses (validation)", "gradcam.png": "Grad-CAM"}
 
 # Inline so the file stays one piece; no JavaScript, no fonts or images fetched from anywhere.
 _CSS = """
@@ -182,8 +183,34 @@ def _split_section(name: str, m: dict) -> str:
     cm, classes = m.get("confusion_matrix"), m.get("classes") or list(per_class)
     if cm and classes and len(cm) == len(classes):
         parts += ["<h4>Confusion matrix</h4>", _confusion_table(cm, [str(c) for c in classes])]
+    if isinstance(m.get("binary"), dict):
+        parts.append(_binary_section(m["binary"]))
     if isinstance(m.get("localisation"), dict) and m["localisation"]:
         parts += ["<h4>Localisation (Grad-CAM)</h4>", _localisation_table(m["localisation"])]
+    if isinstance(m.get("localisation_tp"), dict) and m["localisation_tp"]:
+        parts += ["<h4>Localisation on the true positives (Grad-CAM)</h4>", _localisation_table(m["localisation_tp"])]
+    return "\n".join(parts)
+
+
+def _binary_section(b: dict) -> str:
+    "A binary test's numbers: AUROC, the rates at the operating threshold with their CIs, calibration, subgroups."
+    pos, neg = b.get("positive"), b.get("negative")
+    rows = [["AUROC", _with_ci(b.get("auroc"), b.get("auroc_ci95"))],
+            ["average precision", _with_ci(b.get("average_precision"), None)],
+            ["threshold", f"{_fmt(b.get('threshold'))} ({b.get('operating_point') or b.get('threshold_source') or ''})"]]
+    rows += [[name, _with_ci(b.get(key), b.get(f"{key}_ci95"))] for key, name in
+             (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"))]
+    rows += [["accuracy", f"{_with_ci(b.get('accuracy'), b.get('accuracy_ci95'))} (calling every image {neg}: "
+                          f"{_fmt(_round(b.get('baseline_accuracy')))})"],
+             ["Brier score", _fmt(_round(b.get("brier"), 4))], [f"ECE ({b.get('ece_bins')} bins)", _fmt(_round(b.get("ece"), 4))],
+             ["TP / FP / TN / FN", f"{b.get('tp')} / {b.get('fp')} / {b.get('tn')} / {b.get('fn')}"]]
+    parts = [f"<h4>Binary test: {_e(pos)} (positive) vs {_e(neg)}</h4>", _table(["score", "value"], rows)]
+    for column, groups in (b.get("subgroups") or {}).items():
+        sub = [[value, g.get("n"), g.get("n_positive"), _with_ci(g.get("auroc"), None),
+                _with_ci(g.get("sensitivity"), g.get("sensitivity_ci95")), _with_ci(g.get("specificity"), g.get("specificity_ci95"))]
+               for value, g in groups.items()]
+        parts += [f"<h4>By {_e(column.replace('_', ' '))}</h4>",
+                  _table([column.replace("_", " "), "images", pos, "AUROC", "sensitivity", "specificity"], sub)]
     return "\n".join(parts)
 
 

@@ -61,7 +61,9 @@ def test_predict_applies_the_saved_threshold(binary_run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     preds = pd.read_csv(tmp_path / "p.csv")
     assert {"fractured", "normal"} <= set(preds.columns)  # one probability column per class
-    assert (preds["class"] == preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})).all()
+    clear = (preds.fractured - threshold).abs() > 1e-5  # the CSV rounds to 6 decimals; a valid image sits on it
+    expected = preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})
+    assert clear.sum() >= 4 and (preds["class"] == expected)[clear].all()
     assert preds.probability.tolist() == pytest.approx(preds.fractured.tolist(), abs=1e-6)
     # --threshold overrides: 0 calls everything fractured
     printed = _cli("fracture_fastai.predict", str(out), *map(str, images), "--threshold", "0")
