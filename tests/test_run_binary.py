@@ -80,3 +80,16 @@ def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path):
                    option, value, "--out", str(tmp_path / "r"))
         assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr[-1000:]
         assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_leaderboard_shows_auroc_and_sensitivity(binary_run):
+    from fracture_fastai.compare import leaderboard, to_markdown
+    _, out, _ = binary_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    df = leaderboard([out], timing=False)
+    row = df.iloc[0]
+    assert row.valid_auroc == pytest.approx(metrics["valid"]["binary"]["auroc"])
+    assert row.test_sensitivity == pytest.approx(metrics["test"]["binary"]["sensitivity"])
+    assert row.operating_point == "sens=0.90"
+    md = to_markdown(df)
+    assert "test AUROC [95% CI]" in md and "sens=0.90" in md and "Sorted by validation AUROC" in md
