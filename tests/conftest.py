@@ -79,3 +79,9 @@ def make_fracatlas(root: Path, n_fractured: int = 6, n_normal: int = 18, size=(4
     lines = [",".join(FRACATLAS_COLUMNS)] + [",".join(map(str, r)) for r in rows]
     (root / "dataset.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def fracatlas_maker():
+    "`make_fracatlas(root, n_fractured, n_normal, ...)`: writes a tiny FracAtlas-shaped folder and returns it."
+    return make_fracatlas

@@ -7,7 +7,6 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import make_fracatlas
 
 BINARY_FILES = {"roc.png", "pr.png", "calibration.png", "metrics.json", "model.json", "report.html"}
 BINARY_KEYS = {"positive", "negative", "threshold", "auroc", "auroc_ci95", "average_precision", "sensitivity",
@@ -21,8 +20,8 @@ def _cli(*args, **kw):
 
 
 @pytest.fixture(scope="module")
-def binary_run(tmp_path_factory):
-    data = make_fracatlas(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
+def binary_run(tmp_path_factory, fracatlas_maker):
+    data = fracatlas_maker(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
     out = tmp_path_factory.mktemp("runs") / "cnn-fracatlas"
     res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
                "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--out", str(out))

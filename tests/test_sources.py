@@ -7,13 +7,12 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import make_fracatlas
 from fracture_fastai.data import DataError, load_table, stratified_split
 from fracture_fastai.sources import is_fracatlas, read_any, read_fracatlas
 
 
-def test_fracatlas_layout_is_recognised(tmp_path):
-    root = make_fracatlas(tmp_path / "fa")
+def test_fracatlas_layout_is_recognised(tmp_path, fracatlas_maker):
+    root = fracatlas_maker(tmp_path / "fa")
     assert is_fracatlas(root) and not is_fracatlas(tmp_path)
     table = load_table(root)
     assert table.source == "fracatlas"
@@ -30,8 +29,8 @@ def test_fracatlas_layout_is_recognised(tmp_path):
     assert set(df.split) == {"train", "valid", "test"}
 
 
-def test_fracatlas_split_is_stratified_seeded_and_keeps_copies_together(tmp_path):
-    root = make_fracatlas(tmp_path / "fa", n_fractured=12, n_normal=36)
+def test_fracatlas_split_is_stratified_seeded_and_keeps_copies_together(tmp_path, fracatlas_maker):
+    root = fracatlas_maker(tmp_path / "fa", n_fractured=12, n_normal=36)
     # two byte-identical copies under different ids, as in the original release
     src = root / "images" / "Non_fractured" / "IMG0000012.jpg"
     for i in (14, 16):
@@ -58,8 +57,8 @@ def test_stratified_split_never_splits_a_group():
         stratified_split(df, (0.5, 0.2, 0.2))
 
 
-def test_fracatlas_bad_input(tmp_path):
-    root = make_fracatlas(tmp_path / "fa")
+def test_fracatlas_bad_input(tmp_path, fracatlas_maker):
+    root = fracatlas_maker(tmp_path / "fa")
     (root / "images" / "Fractured" / "IMG0000000.jpg").unlink()
     assert read_fracatlas(root).skipped["listed in dataset.csv but missing"] == 1
     (root / "dataset.csv").write_text("image,label\nx.jpg,1\n")
@@ -67,8 +66,8 @@ def test_fracatlas_bad_input(tmp_path):
         read_any(root)
 
 
-def test_dataset_command_counts_body_parts(tmp_path):
-    root = make_fracatlas(tmp_path / "fa")
+def test_dataset_command_counts_body_parts(tmp_path, fracatlas_maker):
+    root = fracatlas_maker(tmp_path / "fa")
     out = subprocess.run([sys.executable, "-m", "fracture_fastai.dataset", str(root), "--json"],
                          capture_output=True, text=True, check=True).stdout
     summary = json.loads(out)
