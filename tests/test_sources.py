@@ -13,6 +13,10 @@ from fracture_fastai.sources import is_fracatlas, read_any, read_fracatlas
 
 def test_fracatlas_layout_is_recognised(tmp_path, fracatlas_maker):
     root = fracatlas_maker(tmp_path / "fa")
+    # the original release's other annotation formats and tools sit beside: ignored
+    (root / "Annotations" / "COCO JSON").mkdir()
+    (root / "Annotations" / "COCO JSON" / "COCO_fracture_masks.json").write_text("{}")
+    (root / "utilities").mkdir()
     assert is_fracatlas(root) and not is_fracatlas(tmp_path)
     table = load_table(root)
     assert table.source == "fracatlas"
