@@ -210,9 +210,10 @@ def evaluate_binary(
             if chosen else "given (chosen on the validation split)", **out}
 
 
-def _operating_marker(ax, x, y, threshold):
+def _operating_marker(ax, x, y, threshold, label: bool):
+    "Circle the operating point on the curve just drawn; the threshold written once (it is the same for every split)."
     ax.plot([x], [y], "o", ms=8, mfc="none", mew=2, color=ax.lines[-1].get_color())
-    ax.annotate(f"t={threshold:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    if label: ax.annotate(f"threshold {threshold:.2f}", (x, y), textcoords="offset points", xytext=(8, -14), fontsize=8)
 
 
 def binary_plots(
@@ -229,19 +230,19 @@ def binary_plots(
     paths = []
     if not curves: return paths
     fig, ax = plt.subplots(figsize=(5, 5))
-    for split, (y, s) in curves.items():
+    for k, (split, (y, s)) in enumerate(curves.items()):
         RocCurveDisplay.from_predictions(y, s, ax=ax, name=split)
         tn, fp, fn, tp = confusion_matrix(y, (s >= threshold).astype(int), labels=[0, 1]).ravel()
-        _operating_marker(ax, fp / (fp + tn), tp / (tp + fn), threshold)
+        _operating_marker(ax, fp / (fp + tn), tp / (tp + fn), threshold, label=k == 0)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
     ax.set(title=f"ROC: {positive} (circle: operating point)", xlabel="1 - specificity", ylabel="sensitivity")
     ax.legend(loc="lower right")
     paths.append(_save(out_dir / "roc.png"))
     fig, ax = plt.subplots(figsize=(5, 5))
-    for split, (y, s) in curves.items():
+    for k, (split, (y, s)) in enumerate(curves.items()):
         PrecisionRecallDisplay.from_predictions(y, s, ax=ax, name=split)
         tn, fp, fn, tp = confusion_matrix(y, (s >= threshold).astype(int), labels=[0, 1]).ravel()
-        if tp + fp: _operating_marker(ax, tp / (tp + fn), tp / (tp + fp), threshold)
+        if tp + fp: _operating_marker(ax, tp / (tp + fn), tp / (tp + fp), threshold, label=k == 0)
         ax.axhline(y.mean(), ls=":", color=ax.lines[-1].get_color(), lw=1)  # a test that calls at random: prevalence
     ax.set(title=f"Precision-recall: {positive} (dotted: prevalence)", xlabel="sensitivity (recall)", ylabel="PPV (precision)",
            ylim=(0, 1.02))
@@ -252,6 +253,7 @@ def binary_plots(
         CalibrationDisplay.from_predictions(y, s, n_bins=ECE_BINS, ax=ax, name=f"{split} (ECE {expected_calibration_error(y, s):.3f})")
         hist.hist(s, bins=np.linspace(0, 1, ECE_BINS + 1), histtype="step", lw=1.5, label=split)
     ax.set(title=f"Reliability: predicted vs observed {positive} rate", xlabel="", ylabel="observed share positive")
-    hist.set(xlabel=f"predicted probability of {positive}", ylabel="images", yscale="log")
+    hist.set(xlabel=f"predicted probability of {positive}", ylabel="images")
+    hist.legend(fontsize=8)
     paths.append(_save(out_dir / "calibration.png"))
     return paths

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train, evaluate, interpret and export one model; everything goes to a new run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet18", metavar="ARCH", help=f"architecture, one of: {', '.join(archs)}")
-    p.add_argument("--data", default=None, help="YOLO export, folder tree of classes or CSV; default: the built-in synthetic demo")
+    p.add_argument("--data", default=None, help="YOLO export, folder tree of classes, CSV or FracAtlas folder; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=8, help="epochs of the main phase")

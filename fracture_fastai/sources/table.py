@@ -71,7 +71,7 @@ def is_image(p: Path) -> bool:
 def check_path(path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"data path {str(path)!r} does not exist; pass a YOLO export, a folder tree of classes or a CSV")
+        raise DataError(f"data path {str(path)!r} does not exist; pass a YOLO export, a folder tree of classes, a CSV or a FracAtlas folder")
     return path
 
 
