@@ -207,7 +207,7 @@ def evaluate_binary(
     return {"positive": positive, "negative": classes[1 - i],
             "operating_point": operating_point if chosen and _both_classes(y) else None,
             "threshold_source": ("chosen on these images" if _both_classes(y) else "0.5: these images lack a class")
-            if chosen else "given (chosen on the validation split)", **out}
+            if chosen else "given", **out}
 
 
 def _operating_marker(ax, x, y, threshold, label: bool):

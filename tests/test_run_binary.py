@@ -52,7 +52,7 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
     assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
 
 
-def test_predict_applies_the_saved_threshold(binary_run, tmp_path):
+def test_predict_applies_the_saved_threshold(binary_run, tmp_path, capsys):
     data, out, _ = binary_run
     images = sorted((data / "images").rglob("*.jpg"))[:6]
     threshold = json.loads((out / "model.json").read_text())["decision"]["threshold"]
@@ -64,22 +64,27 @@ def test_predict_applies_the_saved_threshold(binary_run, tmp_path):
     expected = preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})
     assert clear.sum() >= 4 and (preds["class"] == expected)[clear].all()
     assert preds.probability.tolist() == pytest.approx(preds.fractured.tolist(), abs=1e-6)
-    # --threshold overrides: 0 calls everything fractured
-    printed = _cli("fracture_fastai.predict", str(out), *map(str, images), "--threshold", "0")
-    assert printed.returncode == 0, printed.stderr[-2000:]
-    assert [line.split("\t")[1] for line in printed.stdout.splitlines()] == ["fractured"] * 6
-    bad = _cli("fracture_fastai.predict", str(out), str(images[0]), "--threshold", "1.5")
-    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+    # --threshold overrides: 0 calls everything fractured (in this process: a second fastai start costs seconds)
+    from fracture_fastai.predict import main
+    assert main([str(out), *map(str, images), "--threshold", "0"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split("\t")[1] for line in captured.out.splitlines()] == ["fractured"] * 6
+    assert "from 0.0000 on (--threshold)" in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(out), str(images[0]), "--threshold", "1.5"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --threshold")
 
 
-def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path):
+def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path, capsys):
+    from fracture_fastai.run import main
     data, _, _ = binary_run
-    for option, value in (("--positive", "broken"), ("--operating-point", "sens=2")):
-        res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
-                   option, value, "--out", str(tmp_path / "r"))
-        assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr[-1000:]
+    for option, value, says in (("--positive", "broken", "--positive 'broken' is not a class"),
+                                ("--operating-point", "sens=2", "operating point must be")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1", option, value,
+                  "--out", str(tmp_path / "r"), "--no-cache"])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {says}")
         assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
-
 
 def test_leaderboard_shows_auroc_and_sensitivity(binary_run):
     from fracture_fastai.compare import leaderboard, to_markdown

@@ -31,6 +31,7 @@ def test_fracatlas_layout_is_recognised(tmp_path, fracatlas_maker):
     # every file is the image of its label's folder
     assert all(("/Fractured/" in f) == (lab == "fractured") for f, lab in zip(df.file, df.label))
     assert set(df.split) == {"train", "valid", "test"}
+    assert load_table(root / "dataset.csv").df.file.tolist() == df.file.tolist()  # its csv names the same dataset
 
 
 def test_fracatlas_split_is_stratified_seeded_and_keeps_copies_together(tmp_path, fracatlas_maker):

@@ -24,6 +24,8 @@ def read_any(
     if path.is_file():
         if path.suffix.lower() in (".yaml", ".yml"):
             table = read_yolo(path)
+        elif path.name == "dataset.csv" and is_fracatlas(path.parent):  # FracAtlas's own csv, not a file,label list
+            return read_fracatlas(path.parent, seed=seed)
         elif path.suffix.lower() == ".csv":
             return read_csv(path, valid_pct, seed)
         else:
