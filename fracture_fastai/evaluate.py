@@ -197,7 +197,8 @@ def evaluate_learner(
     threshold: float | None = None,  # two classes: the decision threshold; None: chosen on `dl` by `operating_point`
     operating_point: str = "youden",  # two classes: 'youden', 'sens=0.90' or 'spec=0.90'
 ) -> tuple:
-    "`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta` (and, for two classes, `binary`: the\n    metrics of a binary test from `binary.evaluate_binary`), and the class probabilities."
+    """`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta` (and, for two classes, `binary`: the
+    metrics of a binary test from `binary.evaluate_binary`), and the class probabilities."""
     tta = {True: "aug", False: "none", None: "none"}.get(tta, tta)
     if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     dl = _labelled_dl(learn, dl)

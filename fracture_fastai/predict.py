@@ -117,7 +117,10 @@ def predict_files(
     chunk: int = 256,  # images per batched pass; a pass that hits a bad image is redone without it
     decision: dict | None = None,  # a binary model's rule {'positive': class, 'threshold': t}: class is then the call
 ) -> tuple:
-    "`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped.\n\n    With a `decision`, class is the positive class where its probability reaches the threshold, and probability is\n    the positive class's probability; without, the most probable class and its probability."
+    """`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped.
+
+    With a `decision`, class is the positive class where its probability reaches the threshold, and probability is
+    the positive class's probability; without, the most probable class and its probability."""
     import torch
     classes = [str(c) for c in learn.dls.vocab]
     files = [str(f) for f in files]  # str matches both folder- and table-built pipelines

@@ -186,13 +186,12 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     phases["epochs"] = [float(x) for x in history.seconds]
     binary = {"positive": args.positive, "operating_point": args.operating_point} if len(dls.vocab) == 2 else {}
     with phases("evaluate"):
-        outputs = {}  # split -> (probs, targets)
         metrics = {"valid": evaluate_learner(learn, tta=args.tta, **binary)}
         if binary:  # the threshold is chosen on the validation split, then applied unchanged to the test split
             binary = {"positive": args.positive, "threshold": metrics["valid"][0]["binary"]["threshold"]}
         if len(dls.loaders) > 2:
             metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta, **binary)  # dls[2]: the labelled test split
-        outputs = {split: m[1:] for split, m in metrics.items()}
+        outputs = {split: m[1:] for split, m in metrics.items()}  # split -> (probs, targets)
         metrics = {split: m[0] for split, m in metrics.items()}
         metrics["tta"] = args.tta
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports, FracAtlas).
@@ -230,7 +229,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
 
 
 def _localisation(learn, dl, binary: dict, probs, targets) -> dict:
-    "Localisation scores of one split: the predicted class's map on every annotated image; for a binary model the\n    positive class's map on all positives (`localisation`) and on the true positives (`localisation_tp`)."
+    """Localisation scores of one split: the predicted class's map on every annotated image; for a binary model the
+    positive class's map on all positives (`localisation`) and on the true positives (`localisation_tp`)."""
     import numpy as np
     from .cam import score_localisation
     if not binary:
