@@ -41,8 +41,6 @@ def one_torch_thread():
 
 
 FRACATLAS = SHARED_DATA / "fracatlas"
-FRACATLAS_COLUMNS = ["image_id", "hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "fractured",
-                     "fracture_count", "frontal", "lateral", "oblique"]
 
 
 @pytest.fixture(scope="session")
@@ -53,35 +51,8 @@ def fracatlas_real() -> Path:
     return FRACATLAS
 
 
-def make_fracatlas(root: Path, n_fractured: int = 6, n_normal: int = 18, size=(40, 32), seed: int = 0) -> Path:
-    "A tiny folder in FracAtlas's layout: dataset.csv (its real columns), images/{Fractured,Non_fractured}, YOLO boxes."
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    rows = []
-    for label, n in (("Fractured", n_fractured), ("Non_fractured", n_normal)):
-        for i in range(n):
-            image_id = f"IMG{len(rows):07d}.jpg"
-            part = ("hand", "leg")[i % 2]
-            pixels = rng.integers(40, 90, size[::-1]).astype(np.uint8)
-            box = None
-            if label == "Fractured":  # a bright patch where the box says the fracture is
-                cx, cy, bw, bh = 0.25 + 0.5 * rng.random(), 0.25 + 0.5 * rng.random(), 0.3, 0.3
-                x0, y0 = int((cx - bw / 2) * size[0]), int((cy - bh / 2) * size[1])
-                pixels[y0:y0 + int(bh * size[1]), x0:x0 + int(bw * size[0])] = 230
-                box = f"0 {cx:.4f} {cy:.4f} {bw:.4f} {bh:.4f}\n"
-            (root / "images" / label).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(root / "images" / label / image_id, quality=95)
-            (root / "Annotations" / "YOLO").mkdir(parents=True, exist_ok=True)
-            (root / "Annotations" / "YOLO" / image_id.replace(".jpg", ".txt")).write_text(box or "")
-            rows.append([image_id, int(part == "hand"), int(part == "leg"), 0, 0, 0, int(i % 3 == 0), 0,
-                         int(label == "Fractured"), int(label == "Fractured"), 1, 0, 0])
-    lines = [",".join(FRACATLAS_COLUMNS)] + [",".join(map(str, r)) for r in rows]
-    (root / "dataset.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
 @pytest.fixture(scope="session")
 def fracatlas_maker():
-    "`make_fracatlas(root, n_fractured, n_normal, ...)`: writes a tiny FracAtlas-shaped folder and returns it."
-    return make_fracatlas
+    "`(root, n_fractured, n_normal, ...)` -> a tiny FracAtlas-shaped folder written there (`demo.make_fracatlas_demo`)."
+    from fracture_fastai.demo import make_fracatlas_demo
+    return make_fracatlas_demo

@@ -11,11 +11,14 @@ import pandas as pd
 from .table import DataError, DataTable, check_path, is_image, stratified_split
 from .yolo import parse_yolo_label
 
-__all__ = ["FRACATLAS_SPLIT", "BODY_PARTS", "is_fracatlas", "read_fracatlas"]
+__all__ = ["FRACATLAS_SPLIT", "BODY_PARTS", "CSV_COLUMNS", "is_fracatlas", "read_fracatlas"]
 
 # FracAtlas ships no classification split and no patient ids: a seeded one, stratified by label and body part.
 FRACATLAS_SPLIT = (0.7, 0.15, 0.15)
 BODY_PARTS = ("hand", "leg", "hip", "shoulder")  # the csv's one-hot tags; 'mixed' marks images showing several
+# dataset.csv's columns as FracAtlas ships them; the reader needs image_id and fractured, and reads the tags it knows.
+CSV_COLUMNS = ("image_id", "hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "fractured",
+               "fracture_count", "frontal", "lateral", "oblique")
 _FOLDERS = {"Fractured": "fractured", "Non_fractured": "normal"}
 _NEEDED = {"image_id", "fractured"}
 
