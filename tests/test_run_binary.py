@@ -50,6 +50,8 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
                         "chosen_on": "valid"}
     report = (out / "report.html").read_text()
     assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
+    verdict = report[report.index("<h2>Verdict</h2>"):report.index("<h2>Metrics</h2>")]
+    assert "test split" in verdict and "AUROC" in verdict and "roc.png" in verdict and "sensitivity at threshold" in verdict
 
 
 def test_predict_applies_the_saved_threshold(binary_run, tmp_path, capsys):
