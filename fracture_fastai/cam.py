@@ -388,8 +388,10 @@ def score_localisation(
     dl=None,  # a validation or test DataLoader over a table with `file` and `polygons`; default `learn.dls.valid`
     bs: int = 16,  # images per Grad-CAM pass
     tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
+    target=None,  # the class whose map is scored (name or index); None: each image's predicted class
+    rows=None,  # indices of `dl.items` to score (e.g. the true positives); None: every annotated image
 ) -> dict:
-    "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (through the Resize)."
+    "`localisation_scores` of the `target` class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
     from PIL import Image
     tolerance = _check_tolerance(tolerance)
@@ -403,11 +405,12 @@ def score_localisation(
     resize = _find_resize(dl)
     size = (resize.size[1], resize.size[0])  # Resize keeps (w, h); polygon_to_input takes (h, w) like Resize's argument
     # Iterated by index, not by `dl`, so each map meets its own row whatever the sampler; unannotated rows cost nothing.
-    idxs = [i for i, polygons in enumerate(items.polygons) if _has_polygons(polygons)]
-    hits, masses, tolerance_px, skipped = [], [], None, len(items) - len(idxs)
+    candidates = range(len(items)) if rows is None else [int(i) for i in rows]
+    idxs = [i for i in candidates if _has_polygons(items.polygons.iloc[i])]
+    hits, masses, tolerance_px, skipped = [], [], None, len(candidates) - len(idxs)
     for start in range(0, len(idxs), bs):
         chunk = idxs[start:start + bs]
-        cams = _gradcam(learn, _batch(dl, chunk)[0])[0].numpy()
+        cams = _gradcam(learn, _batch(dl, chunk)[0], target)[0].numpy()
         for i, cam in zip(chunk, cams):
             row = items.iloc[i]
             with Image.open(row.file) as img: orig_size = img.size  # the header alone: no pixels decoded
@@ -419,7 +422,8 @@ def score_localisation(
             hit, mass = _image_scores(cam, mask, tolerance_px)
             hits.append(hit)
             masses.append(mass)
-    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px), "target": "predicted"}
+    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px),
+            "target": "predicted" if target is None else str(target)}
 
 
 # ---------------------------------------------------------------- command line

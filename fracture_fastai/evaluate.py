@@ -193,8 +193,12 @@ def evaluate_learner(
     learn,  # a trained fastai Learner for single-label classification
     dl=None,  # a labelled DataLoader (e.g. `learn.dls.test_dl(items, with_labels=True)`); None: the validation set
     tta="none",  # test-time augmentation: 'flip' (image and mirror, 2 passes), 'aug' (fastai's `learn.tta`, 5), 'none'
+    positive: str | None = None,  # two classes: the positive one; None: found from its name (`binary.positive_class`)
+    threshold: float | None = None,  # two classes: the decision threshold; None: chosen on `dl` by `operating_point`
+    operating_point: str = "youden",  # two classes: 'youden', 'sens=0.90' or 'spec=0.90'
 ) -> tuple:
-    "`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta`, and the class probabilities."
+    """`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta` (and, for two classes, `binary`: the
+    metrics of a binary test from `binary.evaluate_binary`), and the class probabilities."""
     tta = {True: "aug", False: "none", None: "none"}.get(tta, tta)
     if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     dl = _labelled_dl(learn, dl)
@@ -206,6 +210,12 @@ def evaluate_learner(
         probs, targets = predict_probs(learn, dl, tta)
     metrics = classification_metrics(targets, probs.argmax(dim=1), learn.dls.vocab)
     metrics.update(loss=loss, tta=tta)
+    if len(learn.dls.vocab) == 2:  # a binary test: the numbers a reader of a diagnostic test looks for
+        from .binary import SUBGROUP_COLUMNS, evaluate_binary
+        items = getattr(dl, "items", None)
+        columns = [c for c in SUBGROUP_COLUMNS if hasattr(items, "columns") and c in items.columns]
+        metrics["binary"] = evaluate_binary(targets, probs, learn.dls.vocab, positive, threshold, operating_point,
+                                            subgroups={c: items[c].to_numpy() for c in columns})
     return metrics, probs, targets
 
 

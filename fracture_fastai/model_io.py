@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import UserError
 from .files import atomic_path, write_json
 
-__all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model"]
+__all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_decision"]
 
 MODEL_FORMAT = "fracture_fastai-model/1"
 _MAKE_ONE = "make one with python -m fracture_fastai.run"
@@ -117,3 +117,16 @@ def load_any(
         else: raise UserError(f"cannot load {path}: no model.json or export.pkl in that folder ({_MAKE_ONE})")
     if path.suffix == ".json": return load_model(path)
     return load_export(path)  # which warns, once, that it is a pickle
+
+
+def read_decision(
+    path,  # a run folder, its model.json, or an export.pkl (whose run folder's model.json is read)
+) -> dict | None:
+    "The decision rule saved with a binary model, `{'positive', 'threshold', ...}` from model.json; None if it has none."
+    path = Path(path)
+    meta_file = path / "model.json" if path.is_dir() else path if path.suffix == ".json" else path.with_name("model.json")
+    try:
+        decision = json.loads(meta_file.read_text()).get("decision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return decision if isinstance(decision, dict) and {"positive", "threshold"} <= set(decision) else None

@@ -116,8 +116,12 @@ def predict_files(
     bs: int = 16,  # batch size
     tta: str = "none",  # test-time augmentation: 'none', 'flip' (image and mirror) or 'aug' (fastai's tta)
     chunk: int = 256,  # images per batched pass; a pass that hits a bad image is redone without it
+    decision: dict | None = None,  # a binary model's rule {'positive': class, 'threshold': t}: class is then the call
 ) -> tuple:
-    "`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped."
+    """`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped.
+
+    With a `decision`, class is the positive class where its probability reaches the threshold, and probability is
+    the positive class's probability; without, the most probable class and its probability."""
     import torch
     classes = [str(c) for c in learn.dls.vocab]
     files = [str(f) for f in files]  # str matches both folder- and table-built pipelines
@@ -138,9 +142,15 @@ def predict_files(
         done += part
         probs.append(p)
     probs = torch.cat(probs).float() if probs else torch.zeros(0, len(classes))
-    best = probs.argmax(dim=1)
-    table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
-                          "probability": probs.max(dim=1).values.numpy()})
+    if decision is not None:
+        pos = classes.index(decision["positive"])
+        p_pos = probs[:, pos].numpy()
+        calls = [classes[pos] if p >= decision["threshold"] else classes[1 - pos] for p in p_pos]
+        table = pd.DataFrame({"file": done, "class": calls, "probability": p_pos})
+    else:
+        best = probs.argmax(dim=1)
+        table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
+                              "probability": probs.max(dim=1).values.numpy()})
     for i, c in enumerate(classes):
         table[c] = probs[:, i].numpy()
     return table, failures
@@ -167,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means) or aug "
                         "(fastai's tta, 5 passes)")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="binary models: call the positive class from this probability on, instead of the threshold "
+                        "saved with the model (chosen on its validation split); probability is then the positive class's")
     return p
 
 
@@ -177,10 +190,30 @@ def main(argv=None) -> int:
     return _predict_command(args)
 
 
+def _decision(args, classes) -> dict | None:
+    "The binary decision rule to apply: the one saved with the model, its threshold replaced by --threshold if given."
+    from .model_io import read_decision
+    decision = read_decision(args.export) if len(classes) == 2 else None
+    if args.threshold is not None:
+        if len(classes) != 2:
+            raise UserError(f"--threshold is for binary models; this one has {len(classes)} classes ({', '.join(classes)})")
+        if decision is None:  # an export without its model.json: the positive class by name, as the run found it
+            from .binary import positive_class
+            decision = {"positive": positive_class(classes)}
+        decision = {**decision, "threshold": args.threshold, "source": "--threshold"}
+    if decision is not None:
+        print(f"binary model: probability of {decision['positive']!r}, called {decision['positive']!r} from "
+              f"{decision['threshold']:.4f} on ({decision.get('source', 'the threshold saved with the model')})",
+              file=sys.stderr)
+    return decision
+
+
 def _predict_command(args) -> int:
     "Predict the images of parsed `args`, print or write the table, report failures; the exit code."
     if args.bs < 1:
         raise UserError(f"--bs must be at least 1; got {args.bs}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
     files, missing = find_images(args.paths)
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=sys.stderr)
@@ -189,7 +222,8 @@ def _predict_command(args) -> int:
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
     from .model_io import load_any
     learn = load_any(args.export)
-    table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
+    decision = _decision(args, [str(c) for c in learn.dls.vocab])
+    table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta, decision=decision)
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     if csv is not None:

@@ -38,3 +38,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+FRACATLAS = SHARED_DATA / "fracatlas"
+
+
+@pytest.fixture(scope="session")
+def fracatlas_real() -> Path:
+    "The shared FracAtlas folder, read in place."
+    if not (FRACATLAS / "dataset.csv").exists():
+        pytest.skip(f"real data absent: {FRACATLAS} not found (it sits beside the project root as ../shared/data)")
+    return FRACATLAS
+
+
+@pytest.fixture(scope="session")
+def fracatlas_maker():
+    "`(root, n_fractured, n_normal, ...)` -> a tiny FracAtlas-shaped folder written there (`demo.make_fracatlas_demo`)."
+    from fracture_fastai.demo import make_fracatlas_demo
+    return make_fracatlas_demo
