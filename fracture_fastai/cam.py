@@ -390,7 +390,7 @@ def score_localisation(
 ) -> dict:
     "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
-    from PIL import Image
+    from .preprocess import image_size
     tolerance = _check_tolerance(tolerance)
     dl = learn.dls.valid if dl is None else dl
     items = getattr(dl, "items", None)
@@ -409,7 +409,7 @@ def score_localisation(
         cams = _gradcam(learn, _batch(dl, chunk)[0])[0].numpy()
         for i, cam in zip(chunk, cams):
             row = items.iloc[i]
-            with Image.open(row.file) as img: orig_size = img.size  # the header alone: no pixels decoded
+            orig_size = image_size(row.file)  # the header alone, DICOM or not: no pixels decoded
             mask = polygon_mask(polygon_to_input(row.polygons, orig_size, size, str(resize.method)), size)
             if not mask.any():  # every polygon fell outside the input (a bad annotation): nothing to point at
                 skipped += 1

@@ -30,7 +30,7 @@ def describe_model(learn) -> dict:
             "size": [int(s) for s in loader.resize.size[::-1]],  # (h, w), as Resize takes it
             "stats": {"mean": [float(v) for v in norm.mean.flatten()], "std": [float(v) for v in norm.std.flatten()]},
             "preprocess": {"clahe_clip": pre.clahe_clip, "clahe_grid": pre.clahe_grid, "median": pre.median,
-                           "denoise": pre.denoise}}
+                           "denoise": pre.denoise, "dicom_window": loader.dicom_window}}
 
 
 def _atomic(path: Path, write):
