@@ -16,8 +16,7 @@ __all__ = ["DICOM_EXTS", "DICOM_WINDOWS", "check_window", "is_dicom", "read_dico
 DICOM_EXTS = {".dcm", ".dicom"}
 DICOM_WINDOWS = ("first", "full")  # or an int: the index of the VOI LUT / window to apply
 _INSTALL = "pip install 'fracture_fastai[dicom]' (pydicom)"
-_CODECS = ("pip install 'fracture_fastai[dicom-codecs]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, "
-           "pylibjpeg-rle)")
+_CODECS = "pip install 'fracture_fastai[dicom-codecs]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 
 
 def check_window(window) -> str | int:

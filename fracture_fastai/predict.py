@@ -1,4 +1,5 @@
-"""`python -m fracture_fastai.predict EXPORT.pkl PATH...`: class and probability of each image from an exported Learner.
+"""`python -m fracture_fastai.predict MODEL PATH...`: class and probability of each image from an exported Learner,
+or with `--backend onnx` from the run's model.onnx on onnxruntime (no torch or fastai import on that path).
 
 Unreadable images are reported and skipped; the others are still predicted, in batches.
 """
@@ -14,7 +15,7 @@ import pandas as pd
 from .data import IMAGE_EXTS
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 
-__all__ = ["load_export", "find_images", "predict_files", "main"]
+__all__ = ["load_export", "find_images", "predict_files", "predict_files_onnx", "main"]
 
 _MAKE_EXPORT = "make one with python -m fracture_fastai.run"
 
@@ -137,12 +138,42 @@ def predict_files(
         done += part
         probs.append(p)
     probs = torch.cat(probs).float() if probs else torch.zeros(0, len(classes))
-    best = probs.argmax(dim=1)
-    table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
-                          "probability": probs.max(dim=1).values.numpy()})
+    return _table(done, probs.numpy(), classes), failures
+
+
+def _table(files, probs, classes) -> pd.DataFrame:
+    "file, class, probability and one probability column per class, from an N x classes array."
+    best = probs.argmax(axis=1)
+    table = pd.DataFrame({"file": list(files), "class": [classes[i] for i in best.tolist()],
+                          "probability": probs.max(axis=1) if len(probs) else probs[:, 0]})
     for i, c in enumerate(classes):
-        table[c] = probs[:, i].numpy()
-    return table, failures
+        table[c] = probs[:, i]
+    return table
+
+
+def predict_files_onnx(
+    model,  # a `model_io.OnnxModel` (from `model_io.load_onnx`)
+    files,  # image paths
+    bs: int = 16,  # images per onnxruntime call
+) -> tuple:
+    "`(table, failures)` as `predict_files` gives them, from the ONNX model: numpy/OpenCV preprocessing, no torch."
+    import numpy as np
+    from .preprocess import normalise, radiograph_pixels
+    meta = model.meta
+    pre, size = {"dicom_window": "first", **meta["preprocess"]}, tuple(meta["size"])
+    done, grays, failures = [], [], []
+    for f in map(str, files):
+        try:
+            grays.append(radiograph_pixels(f, size, **pre))
+            done.append(f)
+        except UserError as e:  # a DICOM whose decoder is missing says which package; other broken files are unreadable
+            failures.append((f, str(e) if "pip install" in str(e) else "cannot read image"))
+        except Exception:
+            failures.append((f, "cannot read image"))
+    probs = [model.run(normalise(np.stack(grays[i:i + bs]), meta["stats"]["mean"], meta["stats"]["std"]))
+             for i in range(0, len(grays), bs)]
+    probs = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(model.classes)), np.float32)
+    return _table(done, probs, model.classes), failures
 
 
 def add_export_and_images(p: argparse.ArgumentParser):
@@ -166,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means) or aug "
                         "(fastai's tta, 5 passes)")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--backend", choices=["fastai", "onnx"], default="fastai",
+                   help="fastai (default), or onnx: the run's model.onnx (python -m fracture_fastai.export RUN --onnx) "
+                        "on onnxruntime, without torch")
     return p
 
 
@@ -186,9 +220,13 @@ def _predict_command(args) -> int:
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
-    from .model_io import load_any
-    learn = load_any(args.export)
-    table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
+    if args.backend == "onnx":
+        if args.tta != "none": raise UserError("--tta runs through fastai; leave it out with --backend onnx")
+        from .model_io import load_onnx
+        table, failures = predict_files_onnx(load_onnx(args.export), files, bs=args.bs)
+    else:
+        from .model_io import load_any
+        table, failures = predict_files(load_any(args.export), files, bs=args.bs, tta=args.tta)
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     if csv is not None:
