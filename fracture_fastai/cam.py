@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
-__all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "decode_images", "overlay", "gradcam_grid",
+__all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "explain_file", "decode_images", "overlay", "gradcam_grid",
            "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "main"]
 
 # The pointing game's slack, as a share of the input side (9 px at 224 px). A Grad-CAM map comes from a feature map
@@ -119,6 +119,19 @@ def gradcam(
     "Grad-CAM of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
     # Works on frozen bodies and leaves the model as found: training mode restored, requires_grad never changed.
     return _gradcam(learn, x, target)[0]
+
+
+def explain_file(
+    learn,  # a Learner from `model_io.load_any`
+    file,  # one radiograph: JPEG, PNG, DICOM, ...
+    target=None,  # None: the predicted class; else a class name or index
+) -> tuple:
+    "`(probs, cam, image)` of one radiograph file: class probabilities (numpy), its Grad-CAM map and the model's input image."
+    dl = _set_split(learn.dls.test_dl([str(file)], bs=1))
+    x = _after_batch(dl, dl.do_batch([dl.do_item(0)]))[0]
+    target = None if target is None else _class_index(learn, target, learn.dls.c)
+    cams, probs, _ = _gradcam(learn, x, target)
+    return probs[0].numpy(), cams[0].numpy(), decode_images(dl, x)[0]
 
 
 # ---------------------------------------------------------------- drawing
