@@ -480,8 +480,9 @@ def _readable_items(dl, idxs, files) -> tuple:
         try:
             items.append(dl.do_item(i))
             good.append(i)
-        except Exception:
-            print(f"skipped {files[i]}: cannot read image", file=sys.stderr)
+        except Exception as e:
+            from .predict import unreadable_reason
+            print(f"skipped {files[i]}: {unreadable_reason(e)}", file=sys.stderr)
     return items, good
 
 

@@ -97,16 +97,21 @@ def _probs(learn, files, bs: int, tta: str = "none"):
     return predict_probs(learn, learn.dls.test_dl(files, bs=bs), tta)[0]
 
 
+def unreadable_reason(error: Exception) -> str:
+    "What to say of a file that would not load: the error itself where it says what to install (a DICOM decoder), else 'cannot read image'."
+    return str(error) if isinstance(error, UserError) and "pip install" in str(error) else "cannot read image"
+
+
 def _readable(learn, files) -> tuple:
-    "`(good, bad)`: the files that the export's item pipeline (reading + item transforms) loads, and those it doesn't."
+    "`(good, bad)`: the files that the export's item pipeline (reading + item transforms) loads, and `(file, reason)` of those it doesn't."
     dl = learn.dls.test_dl(files)
     good, bad = [], []
     for i, f in enumerate(files):
         try:
             dl.do_item(i)
             good.append(f)
-        except Exception:
-            bad.append(f)
+        except Exception as e:
+            bad.append((f, unreadable_reason(e)))
     return good, bad
 
 
@@ -131,7 +136,7 @@ def predict_files(
             part, bad = _readable(learn, part)
             if not bad:
                 raise  # every image reads: the failure is not the data's
-            failures += [(f, "cannot read image") for f in bad]
+            failures += bad
             if not part:
                 continue
             p = _probs(learn, part, bs, tta)
@@ -166,10 +171,8 @@ def predict_files_onnx(
         try:
             grays.append(radiograph_pixels(f, size, **pre))
             done.append(f)
-        except UserError as e:  # a DICOM whose decoder is missing says which package; other broken files are unreadable
-            failures.append((f, str(e) if "pip install" in str(e) else "cannot read image"))
-        except Exception:
-            failures.append((f, "cannot read image"))
+        except Exception as e:
+            failures.append((f, unreadable_reason(e)))
     probs = [model.run(normalise(np.stack(grays[i:i + bs]), meta["stats"]["mean"], meta["stats"]["std"]))
              for i in range(0, len(grays), bs)]
     probs = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(model.classes)), np.float32)
