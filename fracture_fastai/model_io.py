@@ -199,17 +199,17 @@ class OnnxModel:
         self.classes = [str(c) for c in meta["classes"]]
         self.input_name = session.get_inputs()[0].name
 
-    def run(self, x) -> "np.ndarray":
+    def run(self, x) -> "numpy.ndarray":
         "Probabilities (N x classes) of a normalised float32 N x 3 x H x W batch."
         import numpy as np
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def inputs(self, files) -> "np.ndarray":
+    def inputs(self, files) -> "numpy.ndarray":
         "The normalised batch of `files`, made as the training pipeline makes it at validation (preprocess.py)."
         from .preprocess import model_input
         return model_input(files, self.meta)
 
-    def predict(self, files) -> "np.ndarray":
+    def predict(self, files) -> "numpy.ndarray":
         "Probabilities (N x classes) of the images `files`."
         return self.run(self.inputs(files))
 

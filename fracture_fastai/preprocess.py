@@ -7,13 +7,12 @@ same pixels.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from .dicom import check_window, dicom_size, is_dicom, read_dicom
+from .dicom import dicom_size, is_dicom, read_dicom
 from .errors import DataError, UserError
 
 __all__ = ["DENOISE", "preprocess_radiograph", "read_radiograph", "image_size", "pad_resize", "radiograph_pixels",

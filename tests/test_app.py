@@ -83,7 +83,7 @@ def test_the_page_in_a_real_browser(served, tiny_run, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.skip("no browser installed: apt-get install -y chromium (Debian's package, driven through executable_path)")
     from playwright.sync_api import sync_playwright
-    from pydicom.uid import ExplicitVRLittleEndian  # noqa: F401  (the DICOM upload below needs pydicom)
+    pytest.importorskip("pydicom", reason="the DICOM upload needs pydicom: pip install 'fracture_fastai[dicom]'")
     dicom = tmp_path / "upload.dcm"
     _write_dicom(dicom)
     bad = tmp_path / "broken.png"

@@ -104,6 +104,23 @@ def test_a_window_whose_image_fills_only_part_of_it_is_not_stretched(tmp_path):
     np.testing.assert_array_equal(_window_to_uint8(np.asarray(grey, np.float32), value_range)[0], [102, 128, 153])
 
 
+def test_voi_lut_sequence_maps_through_its_table(tmp_path):
+    "A VOI LUT (here x -> x // 2 over 0..4095, 16-bit entries): black and white are the table's own ends, 0 and 2047."
+    from pydicom.dataset import Dataset
+    f = write_dicom(tmp_path / "lut.dcm", RAMP, bits_stored=12)
+    ds = pydicom.dcmread(f)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: entries, first input value, bits per entry
+    item.add_new(0x00283006, "US", (np.arange(4096) // 2).tolist())  # LUT Data
+    ds.VOILUTSequence = [item]
+    ds.save_as(f)
+    grey, value_range = read_dicom(f)
+    assert value_range == (0.0, 2047.0)
+    np.testing.assert_array_equal(grey, RAMP // 2)
+    np.testing.assert_array_equal(_window_to_uint8(np.asarray(grey, np.float32), value_range)[0],
+                                  [0, 31, 62, 93, 255])  # rint(x // 2 * 255 / 2047)
+
+
 def test_bad_window_choices(tmp_path):
     f = write_dicom(tmp_path / "w.dcm", RAMP, bits_stored=12, window=WINDOWS)
     with pytest.raises(DataError, match="has 2 VOI window"): read_dicom(f, 2)
