@@ -6,12 +6,12 @@ adds `model.onnx` beside it, which `load_onnx` runs with onnxruntime alone: no t
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from functools import partial
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_path, write_json
 
 __all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_description", "export_onnx",
            "OnnxModel", "load_onnx"]
@@ -37,17 +37,6 @@ def describe_model(learn) -> dict:
                            "denoise": pre.denoise, "dicom_window": loader.dicom_window}}
 
 
-def _atomic(path: Path, write):
-    "Call `write(tmp_path)`, then rename onto `path`: a reader never finds half a file."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-
-
 def save_model(
     learn,  # a trained Learner from `train.radiograph_learner`
     folder,  # where model.safetensors and model.json go
@@ -59,8 +48,9 @@ def save_model(
     meta = {**describe_model(learn), **extra, "weights": "model.safetensors"}
     # Plain contiguous CPU tensors: safetensors stores no strides, and a channels-last layout is the CPU's choice.
     state = {k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()}
-    _atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT}))
-    _atomic(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
+    write_json(meta, folder / "model.json")
     return folder / "model.json"
 
 
@@ -105,6 +95,7 @@ def load_model(
     path,  # model.json, or the run folder that holds it
 ):
     "A fastai Learner rebuilt from model.json + model.safetensors: no pickle, so nothing in the files can run code."
+    import fastai.callback.progress  # noqa: F401  (Learner.no_bar and progress bars, as on any fastai Learner)
     import torch
     from fastai.learner import Learner
     from safetensors.torch import load_file
@@ -167,17 +158,15 @@ def export_onnx(
     except ImportError:
         raise UserError("exporting to ONNX needs onnx and onnxscript: pip install 'fracture_fastai[onnx]'") from None
 
-    def write(tmp):
-        import contextlib, io, warnings
-        # torch.export (dynamo), not the TorchScript exporter that torch 2.9+ deprecates: both work on every
-        # registered arch we tried (cnn, tf_efficientnet_lite0), and this one stays. Its progress lines go nowhere.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(net, (x,), dynamo=True, input_names=["image"], output_names=["probabilities"],
-                                        dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, verbose=False)
-        program.save(tmp)
-
-    _atomic(onnx_file, write)
+    import contextlib, io, warnings
+    # torch.export (dynamo), not the TorchScript exporter that torch 2.9+ deprecates: both work on every
+    # registered arch we tried (cnn, tf_efficientnet_lite0), and this one stays. Its progress lines go nowhere.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, input_names=["image"], output_names=["probabilities"],
+                                    dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, verbose=False)
+    with atomic_path(onnx_file) as tmp:
+        program.save(str(tmp))
     if check:
         with torch.no_grad(): expected = net(x).numpy()
         got = load_onnx(meta_file, onnx_file).run(x.numpy())
@@ -188,7 +177,7 @@ def export_onnx(
     meta.update(onnx="model.onnx", onnx_opset=ONNX_OPSET,
                 onnx_io={"input": "image: float32 N x 3 x H x W, normalised with stats",
                          "output": "probabilities: float32 N x classes, in the order of classes"})
-    _atomic(meta_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(meta, meta_file)
     return onnx_file
 
 
