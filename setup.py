@@ -16,6 +16,9 @@ lic = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+# Optional features: `<name>_requirements = ...` in settings.ini is the extra `<name>` ("_" written "-").
+extras = {key[:-len("_requirements")].replace("_", "-"): value.split() for key, value in cfg.items()
+          if key.endswith("_requirements") and key not in ("requirements", "dev_requirements")}
 readme = here / "README.md"
 
 setuptools.setup(
@@ -40,7 +43,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, **extras},
     python_requires=">=" + min_python,
     zip_safe=False,
     entry_points={"console_scripts": cfg.get("console_scripts", "").split()},

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, UserError
 from .sources import (IMAGE_EXTS, REGIONS, SPLITS, DataTable, group_of, grouped_split, read_any, read_csv,
                       read_fracatlas, read_folders, read_yolo, region_of, stratified_split)
 
@@ -25,9 +25,21 @@ COPIES = ("one", "all")  # per training epoch: one image of each source radiogra
 
 
 def image_problem(path) -> str | None:
-    "None if the image at `path` decodes completely, else why not: 'unreadable image' or 'image too large'."
+    "None if the image at `path` decodes completely, else why not: 'unreadable image', 'image too large', or a DICOM's reason."
     import warnings
     from PIL import Image
+    from .dicom import is_dicom
+    if is_dicom(path):
+        from .preprocess import read_radiograph
+        try:
+            pixels, _ = read_radiograph(path, dicom=True)  # the reader training uses: what fails here would fail there
+            return None if pixels.ndim >= 2 and min(pixels.shape[:2]) > 0 else "unreadable image"
+        except DataError as e:  # its reason says what to do (e.g. which decoder to install), counted per reason
+            return "unreadable DICOM" if str(e).startswith("cannot read") else f"DICOM not decoded: {str(e).split(': ', 1)[-1]}"
+        except UserError:
+            raise  # pydicom itself is missing: every DICOM would fail, so say what to install
+        except Exception:
+            return "unreadable DICOM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89 Mpx: refused, as over 179 Mpx
@@ -194,7 +206,7 @@ def radiograph_dataloaders(
     device=None,  # None: fastai's default (CUDA when available)
     copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
     cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
-    **preprocess,  # clahe_clip, clahe_grid, median, denoise for RadiographPreprocess
+    **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window for the RadiographLoader
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, Normalize,

@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
     d.add_argument("--no-clahe", action="store_true", help="skip CLAHE and the median filter")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
+    d.add_argument("--dicom-window", default="first", metavar="WHICH",
+                   help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
+                        "window), or the index of another window")
     d.add_argument("--sample", type=int, default=None, metavar="N", help="at most N images per class per split (quick runs)")
     d.add_argument("--valid-pct", type=float, default=0.2, help="share held out when the data has no validation split")
     d.add_argument("--copies", choices=["one", "all"], default="one",
@@ -99,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .models import get_arch
     args.arch = get_arch(args.arch).name  # one rule for names everywhere: case-insensitive (ArchError if unknown)
     _check_options(args)
+    from .dicom import check_window
+    args.dicom_window = check_window(args.dicom_window)  # a bad value fails here, before the data is read
     return args
 
 
@@ -310,7 +315,8 @@ def run(args: argparse.Namespace) -> Path:
         size = args.size or (DEMO_SIZE if demo else SIZE)
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
-                                     stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)
+                                     stats=arch_stats(args.arch), copies=args.copies, cache=args.cache,
+                                     dicom_window=args.dicom_window)
     if len(dls.vocab) == 2:  # checked here, after the data and before any training: a typo costs seconds
         from .binary import positive_class
         args.positive = positive_class(dls.vocab, args.positive)

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..dicom import DICOM_EXTS
 from ..errors import DataError
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "SPLIT_ALIASES", "group_of", "grouped_split", "stratified_split",
            "check_path", "is_image"]
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} | DICOM_EXTS
 SPLITS = ("train", "valid", "test")
 # Roboflow writes "valid", Ultralytics "val"; both mean the package's "valid".
 SPLIT_ALIASES = {"train": "train", "val": "valid", "valid": "valid", "validation": "valid", "test": "test"}
