@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, UserError
-from .sources import (IMAGE_EXTS, REGIONS, SPLITS, DataTable, group_of, grouped_split, read_any, read_csv,
+from .sources import (IMAGE_EXTS, REGIONS, SPLITS, DataTable, group_of, grouped_split, image_files, read_any, read_csv,
                       read_fracatlas, read_folders, read_yolo, region_of, stratified_split)
 
-__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
+__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "image_files", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
            "read_folders", "read_csv", "read_fracatlas", "load_table", "image_problem", "drop_unreadable", "grouped_split",
            "stratified_split", "sample_per_class", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE", "COPIES", "default_workers", "RadiographDL"]

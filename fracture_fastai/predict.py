@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import IMAGE_EXTS
+from .data import IMAGE_EXTS, image_files
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import atomic_path
 
@@ -84,7 +84,7 @@ def find_images(
     files, missing = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            files += image_files(p)  # hidden files (macOS's ._* twins) and broken links left out
         elif p.is_file():
             files.append(p)  # named explicitly: tried whatever its extension
         else:

@@ -6,10 +6,10 @@ from .csvfile import read_csv
 from .folders import read_folders
 from .fracatlas import is_fracatlas, read_fracatlas
 from .table import (IMAGE_EXTS, SPLIT_ALIASES, SPLITS, DataError, DataTable, check_path, group_of, grouped_split,
-                    stratified_split)
+                    image_files, stratified_split)
 from .yolo import REGIONS, parse_yolo_label, read_yolo, region_of
 
-__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "SPLIT_ALIASES", "REGIONS", "group_of", "grouped_split",
+__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "image_files", "SPLITS", "SPLIT_ALIASES", "REGIONS", "group_of", "grouped_split",
            "stratified_split", "region_of", "parse_yolo_label", "read_yolo", "read_folders", "read_csv", "read_fracatlas",
            "is_fracatlas", "read_any"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .table import IMAGE_EXTS, SPLIT_ALIASES, DataError, DataTable, check_path, group_of, grouped_split
+from .table import SPLIT_ALIASES, DataError, DataTable, check_path, group_of, grouped_split, image_files
 
 __all__ = ["read_folders"]
 
@@ -32,12 +32,9 @@ def read_folders(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
 
 def _class_rows(folder: Path, split: str, skipped: Counter, notes: list) -> list:
     rows = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = image_files(class_dir, skipped=skipped)
         if not images:  # said, not dropped silently: a class that vanishes changes what the model can answer
             notes.append(f"class folder {str(class_dir)!r} holds no images; class {class_dir.name!r} left out of {split}")
-        if len(files) > len(images):
-            skipped["not an image"] += len(files) - len(images)
         rows += [dict(file=str(p), label=class_dir.name, split=split, group=group_of(p), polygons=[]) for p in images]
     return rows

@@ -11,7 +11,7 @@ import pandas as pd
 from ..dicom import DICOM_EXTS
 from ..errors import DataError
 
-__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "SPLIT_ALIASES", "group_of", "grouped_split", "stratified_split",
+__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "image_files", "SPLITS", "SPLIT_ALIASES", "group_of", "grouped_split", "stratified_split",
            "check_path", "is_image"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} | DICOM_EXTS
@@ -67,6 +67,26 @@ def group_of(path) -> str:
 
 def is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+
+
+def image_files(
+    folder,  # a folder of images
+    recursive: bool = True,  # look in its subfolders too
+    skipped: Counter | None = None,  # counts what is left out, by reason
+) -> list:
+    """The images in `folder`, sorted, as a collection copied between machines holds them: hidden files (macOS's `._*`
+    twins of every image, `.DS_Store`, anything in a dot folder), broken links and other file types are left out."""
+    folder, found = Path(folder), []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if p.is_dir(): continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts): reason = "hidden file"
+        elif not p.exists(): reason = "broken link"  # a symlink whose target is gone
+        elif p.suffix.lower() not in IMAGE_EXTS: reason = "not an image"
+        else:
+            found.append(p)
+            continue
+        if skipped is not None: skipped[reason] += 1
+    return found
 
 
 def check_path(path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .table import SPLIT_ALIASES, DataError, DataTable, check_path, group_of, is_image
+from .table import SPLIT_ALIASES, DataError, DataTable, check_path, group_of, image_files
 
 __all__ = ["REGIONS", "region_of", "read_yolo", "parse_yolo_label"]
 
@@ -101,7 +101,7 @@ def read_yolo(path) -> DataTable:
             notes.append(f"split {key!r} named in data.yaml but {cfg[key]!r} is missing; left out")
             continue
         labels = images.parent / "labels" if images.name == "images" else images
-        for img in sorted(p for p in images.iterdir() if is_image(p)):
+        for img in image_files(images, recursive=False, skipped=skipped):
             label_file = labels / (img.stem + ".txt")
             ids, polygons = parse_yolo_label(label_file.read_text(), skipped) if label_file.exists() else ([], [])
             if not ids:
