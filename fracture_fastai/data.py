@@ -206,7 +206,7 @@ def radiograph_dataloaders(
     device=None,  # None: fastai's default (CUDA when available)
     copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
     cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
-    **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window for the RadiographLoader
+    **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window, reduce for the RadiographLoader
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, Normalize,

@@ -34,7 +34,7 @@ def describe_model(learn) -> dict:
             "size": [int(s) for s in loader.resize.size[::-1]],  # (h, w), as Resize takes it
             "stats": {"mean": [float(v) for v in norm.mean.flatten()], "std": [float(v) for v in norm.std.flatten()]},
             "preprocess": {"clahe_clip": pre.clahe_clip, "clahe_grid": pre.clahe_grid, "median": pre.median,
-                           "denoise": pre.denoise, "dicom_window": loader.dicom_window}}
+                           "denoise": pre.denoise, "dicom_window": loader.dicom_window, "reduce": loader.reduce}}
 
 
 def save_model(
@@ -61,8 +61,9 @@ def _inference_dls(meta: dict):
     "DataLoaders with no items that turn an image file into the model's input as training did: loader, scaling, normalisation."
     from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
     from fastai.data.transforms import IntToFloatTensor, Normalize
+    from .preprocess import model_preprocess
     from .transforms import RadiographLoader
-    loader = RadiographLoader(tuple(meta["size"]), **meta["preprocess"])
+    loader = RadiographLoader(tuple(meta["size"]), **model_preprocess(meta))
     import numpy as np
     from PIL import Image
     block = DataBlock(blocks=(TransformBlock(type_tfms=loader, batch_tfms=IntToFloatTensor),

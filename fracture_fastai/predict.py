@@ -174,9 +174,9 @@ def predict_files_onnx(
 ) -> tuple:
     "`(table, failures)` as `predict_files` gives them, from the ONNX model: numpy/OpenCV preprocessing, no torch."
     import numpy as np
-    from .preprocess import normalise, radiograph_pixels
+    from .preprocess import model_preprocess, normalise, radiograph_pixels
     meta = model.meta
-    pre, size = {"dicom_window": "first", **meta["preprocess"]}, tuple(meta["size"])
+    pre, size = model_preprocess(meta), tuple(meta["size"])
     done, grays, failures = [], [], []
     for f in map(str, files):
         try:

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--bs", type=int, default=32, help="batch size")
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
     d.add_argument("--no-clahe", action="store_true", help="skip CLAHE and the median filter")
+    d.add_argument("--reduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode and preprocess each radiograph at the smallest power-of-two reduction that still holds "
+                        "--size (JPEG: in the decoder), not at full resolution")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
     d.add_argument("--dicom-window", default="first", metavar="WHICH",
                    help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
@@ -316,7 +319,7 @@ def run(args: argparse.Namespace) -> Path:
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache,
-                                     dicom_window=args.dicom_window)
+                                     dicom_window=args.dicom_window, reduce=args.reduce)
     if len(dls.vocab) == 2:  # checked here, after the data and before any training: a typo costs seconds
         from .binary import positive_class
         args.positive = positive_class(dls.vocab, args.positive)
