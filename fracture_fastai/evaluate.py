@@ -22,7 +22,7 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["TTA", "predict_probs", "accuracy_ci", "classification_metrics", "evaluate_learner", "interpretation", "plot_confusion_matrix",
-           "plot_top_losses", "interpretation_plots", "plot_curves", "write_json"]
+           "plot_top_losses", "interpretation_plots", "plot_curves", "write_json", "prediction_table", "write_predictions"]
 
 
 def accuracy_ci(
@@ -327,4 +327,41 @@ def write_json(
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n", encoding="utf-8")
     tmp.replace(path)  # a reader never sees half a file, even if the run is killed mid-write
+    return path
+
+
+def prediction_table(
+    learn,  # a trained fastai Learner for single-label classification
+    dl=None,  # a labelled DataLoader whose items are a table with a `file` column; None: the validation set
+    split: str = "valid",  # what the `split` column says
+    tta: str = "none",  # as in `evaluate_learner`, so the predictions are the ones its metrics counted
+):
+    "One row per image of `dl`: file, split, label, predicted and one `prob_<class>` column per class, in `dl`'s order."
+    import pandas as pd
+    dl = _labelled_dl(learn, dl)
+    _, probs, targets = evaluate_learner(learn, dl, tta=tta)
+    vocab = [str(c) for c in learn.dls.vocab]
+    items = dl.items
+    files = items["file"].astype(str).tolist() if isinstance(items, pd.DataFrame) else [str(f) for f in items]
+    table = pd.DataFrame({"file": files, "split": split, "label": [vocab[int(t)] for t in targets],
+                          "predicted": [vocab[int(i)] for i in probs.argmax(dim=1)]})
+    for i, c in enumerate(vocab):
+        table[f"prob_{c}"] = probs[:, i].float().numpy()
+    return table
+
+
+def write_predictions(
+    learn,  # a trained fastai Learner; its DataLoaders' validation set, and `dls[2]` when that is a labelled test set
+    path,  # CSV to write (e.g. run_dir / 'predictions.csv')
+    tta: str = "none",  # as the run's metrics used it
+) -> Path:
+    "Per-image predictions of the validation (and test) set as one CSV, written atomically: what paired comparisons of runs read."
+    import pandas as pd
+    parts = [prediction_table(learn, learn.dls.valid, "valid", tta)]
+    if len(learn.dls.loaders) > 2:
+        parts.append(prediction_table(learn, learn.dls[2], "test", tta))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
+    tmp.replace(path)  # a reader never sees half a file
     return path

@@ -155,7 +155,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     import pandas as pd
 
     from .cam import gradcam_grid, score_localisation
-    from .evaluate import evaluate_learner, interpretation_plots, plot_curves
+    from .evaluate import evaluate_learner, interpretation_plots, plot_curves, write_predictions
     from .report import write_report
     from .model_io import save_model
     from .train import export_learner, radiograph_learner, train
@@ -181,6 +181,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
         if len(dls.loaders) > 2:
             metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]  # dls[2]: the labelled test split
         metrics["tta"] = args.tta
+        write_predictions(learn, out / "predictions.csv", tta=args.tta)  # per image, for paired comparisons of runs
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports).
     with phases("localisation"):
         for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
