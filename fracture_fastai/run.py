@@ -151,7 +151,7 @@ class Phases(dict):
         return _timed()
 
 
-def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
+def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=()):
     import pandas as pd
 
     from .cam import gradcam_grid, score_localisation
@@ -163,6 +163,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     with phases("learner"):
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
                                    label_smoothing=args.label_smoothing, precision=args.precision, path=out)
+    learn.add_cbs(cbs)
     info = learn.weights_info
     print(f"weights: {info.note}; precision: {learn.precision}", flush=True)
     config.update(weights=info.source, precision=learn.precision)
@@ -195,6 +196,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
         interpretation_plots(learn, out)
     with phases("gradcam"):
         gradcam_grid(learn, out / "gradcam.png")
+    learn.remove_cbs(cbs)  # training-only callbacks (a sweep's pruning) stay out of the export
     with phases("export"):
         export_learner(learn, out / "export.pkl")  # fastai's pickle, for fastai users
         save_model(learn, out, versions=config["versions"])  # model.safetensors + model.json: loads without running code
@@ -208,7 +210,10 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases):
     return learn, metrics
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(
+    args: argparse.Namespace,  # options from `parse_args`
+    cbs=(),  # extra fastai callbacks for training only (e.g. a sweep's pruning), taken out before the export
+) -> Path:
     "Do one run as `args` says; return the run folder."
     from .data import load_table, radiograph_dataloaders, sample_per_class
     from .demo import make_demo
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> Path:
               "status": "running"}
     write_json(config, out / "config.json")
     try:
-        learn, metrics = _train_and_evaluate(args, dls, out, config, phases)
+        learn, metrics = _train_and_evaluate(args, dls, out, config, phases, list(cbs))
     except BaseException as e:  # the folder says the run did not finish, and why
         config.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json(config, out / "config.json")
