@@ -456,11 +456,11 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.n_images < 1:
         raise UserError(f"--n-images must be at least 1; got {args.n_images}")
-    df_runs = collect_runs(args.paths)
-    df = leaderboard(df_runs, timing=not args.no_timing, n_images=args.n_images)
+    runs = collect_runs(args.paths)
+    report = paired_report(runs, args.paired, args.split)  # first: a wrong --paired fails before any timing
+    df = leaderboard(runs, timing=not args.no_timing, n_images=args.n_images)
     paths = write_leaderboard(df, args.out if args.out is not None else _default_out(args.paths))
     print(to_markdown(df))
-    report = paired_report(df_runs, args.paired, args.split)
     if report:
         print(report + "\n")
     for p in paths:

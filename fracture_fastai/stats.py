@@ -60,8 +60,11 @@ def bootstrap_ci(
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def seed_ci(values, level: float = 0.95) -> tuple:
-    "`(mean, low, high)` of per-seed values: Student's t interval over seeds (NaN bounds with fewer than 2 seeds)."
+def seed_ci(
+    values,  # one accuracy (or other share in [0, 1]) per seed
+    level: float = 0.95,
+) -> tuple:
+    "`(mean, low, high)` of per-seed values: Student's t interval over seeds in [0, 1] (NaN bounds with fewer than 2 seeds)."
     from scipy import stats
     v = np.asarray(values, dtype=float)
     mean = float(v.mean()) if v.size else math.nan
@@ -70,7 +73,8 @@ def seed_ci(values, level: float = 0.95) -> tuple:
     if np.ptp(v) == 0:
         return mean, mean, mean
     low, high = stats.t.interval(level, v.size - 1, loc=mean, scale=stats.sem(v))
-    return mean, float(low), float(high)
+    # Clipped to [0, 1], where accuracies live: with 2-3 seeds t's interval is wide and would spill past the ends.
+    return mean, float(max(low, 0.0)), float(min(high, 1.0))
 
 
 def _read_json(path: Path) -> dict:
@@ -208,7 +212,7 @@ def paired_comparison(
         out["auroc_diff"] = auroc_diff(*idx)
         with warnings.catch_warnings():  # a resample holding one class only has no AUROC: it is left out
             warnings.simplefilter("ignore", RuntimeWarning)
-            out["auroc_diff_ci95"] = list(bootstrap_ci(idx, auroc_diff, n_resamples=min(n_resamples, 2000)))
+            out["auroc_diff_ci95"] = list(bootstrap_ci(idx, auroc_diff, n_resamples=min(n_resamples, 1000)))
     return out
 
 

@@ -272,7 +272,7 @@ def _objective(args, plain, axes, sweep_dir: Path):
 
 
 def _queue_grid(study, axes, seeds, own_storage: bool) -> int:
-    """Queue every grid point without a finished or pruned trial; how many. With `own_storage` (the sweep folder's
+    """Queue every grid point without a finished or pruned trial (unless queued already); how many are done. With `own_storage` (the sweep folder's
     SQLite) trials a killed sweep left running are marked failed: nothing else can be running them now."""
     import optuna
     from optuna.trial import TrialState
@@ -283,14 +283,14 @@ def _queue_grid(study, axes, seeds, own_storage: bool) -> int:
         elif t.state == TrialState.WAITING: waiting.add(key)
         elif t.state == TrialState.RUNNING and own_storage:
             study.tell(t.number, state=TrialState.FAIL)
-    queued = 0
+    n_done = 0
     for point in grid_points(axes, seeds):
         key = json.dumps(point, sort_keys=True, default=str)
+        n_done += key in done
         if key not in done and key not in waiting:
             study.enqueue_trial(point)
-            queued += 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return queued
+    return n_done
 
 
 def _worker(argv, sweep_dir: str):
@@ -307,8 +307,10 @@ def _worker(argv, sweep_dir: str):
             study.optimize(objective, n_trials=1, catch=(Exception,))
     else:
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
-        study.optimize(objective, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=finished)])
+        left = args.trials - len(study.get_trials(deepcopy=False, states=finished))  # a resumed search does the rest
+        if left > 0:  # the callback stops this worker when others have finished the rest
+            study.optimize(objective, n_trials=left, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=finished)])
 
 
 def run_sweep(argv=None) -> Path:
@@ -331,9 +333,9 @@ def run_sweep(argv=None) -> Path:
     study = _load_study(args, sweep_dir)
     seeds = [args.first_seed + i for i in range(args.seeds)]
     if args.search == "grid":
-        queued = _queue_grid(study, axes, seeds, own_storage=args.storage is None)
+        n_done = _queue_grid(study, axes, seeds, own_storage=args.storage is None)
         total = len(grid_points(axes, seeds))
-        print(f"sweep {sweep_dir}: {total} runs, {total - queued} finished before, {queued} to do, "
+        print(f"sweep {sweep_dir}: {total} runs, {n_done} finished before, {total - n_done} to do, "
               f"{args.jobs} at a time", flush=True)
     worker_argv = list(sys.argv[1:] if argv is None else argv)
     if args.jobs == 1:
