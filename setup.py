@@ -16,6 +16,7 @@ lic = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+extras = {key[len("extras_"):]: cfg[key].split() for key in cfg if key.startswith("extras_")}
 readme = here / "README.md"
 
 setuptools.setup(
@@ -40,7 +41,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, **extras},
     python_requires=">=" + min_python,
     zip_safe=False,
     entry_points={"console_scripts": cfg.get("console_scripts", "").split()},

