@@ -131,6 +131,10 @@ def _flag_tokens(name: str, value: str) -> list:
 def parse_sweep(argv=None) -> tuple:
     "`(sweep options, run options that stay fixed, axes)`, every point's run options checked before anything runs."
     args, rest = _parser().parse_known_args(argv)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("the sweep needs Optuna: pip install 'fracture_fastai[sweep]'") from None
     from .run import parse_args
     if args.seeds < 1: raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1: raise UserError(f"--jobs must be at least 1, got {args.jobs}")
