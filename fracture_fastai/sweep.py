@@ -206,11 +206,15 @@ def _pruning_callback(trial):
 
     class PruningCallback(Callback):
         order = 70  # after the Recorder has the epoch's metrics
-        def __init__(self): self.step = 0
+        def __init__(self): self.step, self.trained = 0, False
+        # Only epochs that trained count: get_preds fires before/after_epoch too (evaluation, plots), with no
+        # training phase in between; lr_find trains but is no epoch of the run.
+        def before_epoch(self): self.trained = False
+        def after_train(self): self.trained = not hasattr(self.learn, "lr_finder")
         def after_epoch(self):
             import optuna
             names = self.learn.recorder.metric_names[1:-1]
-            if METRIC not in names or getattr(self.learn, "lr_finder", None): return
+            if not self.trained or METRIC not in names: return
             value = self.learn.recorder.log[1 + names.index(METRIC)]
             trial.report(float(value), self.step)
             self.step += 1
@@ -240,7 +244,7 @@ def _load_study(args, sweep_dir: Path, direction="maximize"):
     import optuna
     sampler = {"grid": None, "random": optuna.samplers.RandomSampler(seed=args.first_seed),
                "tpe": optuna.samplers.TPESampler(seed=args.first_seed)}[args.search]
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if args.prune else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if args.prune else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=args.study, storage=_storage(args, sweep_dir), load_if_exists=True,
                                direction=direction, sampler=sampler, pruner=pruner)
 

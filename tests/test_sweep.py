@@ -102,3 +102,21 @@ def test_sweep_on_the_demo_resumes_after_an_interruption(tmp_path):
     assert "no_clahe=True vs no_clahe=False, valid, 24 images x 2 seed(s)" in r.stdout
     for run in _finished(out):
         assert (out / run / "predictions.csv").is_file()
+
+
+def test_pruning_reports_training_epochs_and_stops_a_trial_below_the_median():
+    from types import SimpleNamespace
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={0: 0.9, 1: 0.9}, params={},
+                                                  distributions={}))
+    trial = study.ask()
+    cb = sweep._pruning_callback(trial)
+    cb.learn = SimpleNamespace(recorder=SimpleNamespace(metric_names=["epoch", "train_loss", "valid_loss", "accuracy",
+                                                                      "time"], log=[0, 1.0, 1.0, 0.1, "00:01"]))
+    cb.before_epoch(); cb.after_epoch()  # get_preds' epoch: nothing trained, nothing reported
+    cb.before_epoch(); cb.after_train(); cb.after_epoch()  # epoch 0: reported, still in the warm-up
+    with pytest.raises(optuna.TrialPruned, match="pruned after epoch 2: accuracy 0.100"):
+        cb.before_epoch(); cb.after_train(); cb.after_epoch()
+    assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.1, 1: 0.1}
