@@ -243,8 +243,9 @@ def paired_by_option(
 
 def format_paired(c: dict) -> str:
     "A few lines that say what a comparison from `paired_comparison` or `paired_by_option` found."
-    name_a = f"{c['option']}={c['a']}" if "option" in c else "A"
-    name_b = f"{c['option']}={c['b']}" if "option" in c else "B"
+    first = c["per_seed"][0]
+    name_a = f"{c['option']}={c['a']}" if "option" in c else first["run_a"] + ("..." if c["seeds"] > 1 else "")
+    name_b = f"{c['option']}={c['b']}" if "option" in c else first["run_b"] + ("..." if c["seeds"] > 1 else "")
     fixed = ", ".join(f"{k}={v}" for k, v in c.get("fixed", {}).items())
     lo, hi = c["accuracy_diff_ci95"]
     n = c["images"][0] if len(set(c["images"])) == 1 else f"{min(c['images'])}-{max(c['images'])}"

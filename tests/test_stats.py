@@ -1,7 +1,5 @@
 "Paired statistics: McNemar, bootstrap and seed intervals against values known in closed form, and on hand-made run folders."
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -98,7 +96,7 @@ def test_paired_comparison_pairs_by_seed(clahe_runs):
     assert c["same_images_across_seeds"] and c["images"] == [20, 20]
     assert "auroc_diff" in c  # binary: the AUROC difference too
     text = format_paired(c)
-    assert "+0.175" in text and "seed 42: 3 right only with B" in text
+    assert "+0.175" in text and "seed 42: 3 right only with clahe_42..." in text
 
 
 def test_paired_by_option_finds_the_one_option_that_differs(clahe_runs):
@@ -116,11 +114,14 @@ def test_runs_on_different_images_are_not_paired(tmp_path):
         paired_comparison([a], [b])
 
 
-def test_compare_cli_paired(clahe_runs):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "fracture_fastai.compare", str(clahe_runs), "--no-timing",  # noqa: E731
-                                     *a], capture_output=True, text=True)
-    r = run("--paired", str(clahe_runs / "none_42"), str(clahe_runs / "clahe_42"))
-    assert r.returncode == 0, r.stderr
-    assert "Configurations over seeds" in r.stdout and "difference +0.150" in r.stdout
-    r = run("--paired", "arch")
-    assert r.returncode == 2 and r.stderr.startswith("error: no two configurations differ only in 'arch'")
+def test_compare_cli_paired(clahe_runs, capsys):
+    from fracture_fastai.compare import main
+    main([str(clahe_runs), "--no-timing", "--paired", str(clahe_runs / "none_42"), str(clahe_runs / "clahe_42")])
+    out = capsys.readouterr().out
+    assert "Configurations over seeds" in out and "clahe_42 vs none_42, valid, 20 images" in out
+    assert "difference +0.150" in out
+    with pytest.raises(SystemExit) as e:
+        main([str(clahe_runs), "--no-timing", "--paired", "arch"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no two configurations differ only in 'arch'; options that vary here: no_clahe"]
