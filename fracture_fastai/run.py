@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--tta", choices=["flip", "aug", "none"], default="none",
                    help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
     e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
+    t = p.add_argument_group("tracking (extra 'track')")
+    t.add_argument("--track", choices=["none", "mlflow"], default="none",
+                   help="also log options, per-epoch and final metrics and the run folder's files to MLflow")
+    t.add_argument("--track-uri", default=None, help="MLflow tracking URI, or a folder for a local store; default: ./mlruns")
+    t.add_argument("--track-experiment", default="fracture_fastai", help="MLflow experiment the run goes to")
     args = p.parse_args(argv)
     from .models import get_arch
     args.arch = get_arch(args.arch).name  # one rule for names everywhere: case-insensitive (ArchError if unknown)
@@ -247,11 +252,14 @@ def run(
               "versions": _versions(), "device": str(dls.device), "world_size": distributed.world_size(), "started": datetime.now().isoformat(timespec="seconds"),
               "status": "running"}
     write_json(config, out / "config.json")
+    from .tracking import finish_tracking, tracking_callbacks
+    tracked = tracking_callbacks(args, out) if distributed.is_main() else []  # --track: MLflow; [] by default
     try:
-        learn, metrics = _train_and_evaluate(args, dls, out, config, phases, list(cbs))
+        learn, metrics = _train_and_evaluate(args, dls, out, config, phases, list(cbs) + tracked)
     except BaseException as e:  # the folder says the run did not finish, and why
         config.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json(config, out / "config.json")
+        finish_tracking(tracked, out, status="FAILED")
         try:  # a report of the failure helps; it must not hide the original error
             from .report import write_report
             write_report(out)
@@ -259,6 +267,7 @@ def run(
             pass
         raise
     distributed.finish(out)
+    finish_tracking(tracked, out)
     for split, m in metrics.items():
         if isinstance(m, dict):
             lo, hi = m["accuracy_ci95"]

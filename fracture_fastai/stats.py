@@ -21,7 +21,7 @@ __all__ = ["NOT_CONFIG", "mcnemar_test", "bootstrap_ci", "seed_ci", "run_options
 
 # Options that say where or how fast a run went, not what it computed: runs differing only in these (and the seed)
 # are repeats of one configuration.
-NOT_CONFIG = {"seed", "out", "num_workers", "cache", "resume", "track", "track_uri"}
+NOT_CONFIG = {"seed", "out", "num_workers", "cache", "resume", "track", "track_uri", "track_experiment"}
 EXACT_BELOW = 25  # discordant pairs under which McNemar's test is the exact binomial one (statsmodels' advice)
 
 
