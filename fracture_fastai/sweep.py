@@ -201,26 +201,16 @@ def _set_aside(folder: Path, sweep_dir: Path) -> None:
 
 
 def _pruning_callback(trial):
-    "A fastai Callback reporting each epoch's validation accuracy to `trial` and stopping it when Optuna prunes."
-    from fastai.callback.core import Callback
+    "A training-only Callback reporting each epoch's validation accuracy to `trial`, stopping it when Optuna prunes."
+    import optuna
+    from .tracking import epoch_metrics
 
-    class PruningCallback(Callback):
-        order = 70  # after the Recorder has the epoch's metrics
-        def __init__(self): self.step, self.trained = 0, False
-        # Only epochs that trained count: get_preds fires before/after_epoch too (evaluation, plots), with no
-        # training phase in between; lr_find trains but is no epoch of the run.
-        def before_epoch(self): self.trained = False
-        def after_train(self): self.trained = not hasattr(self.learn, "lr_finder")
-        def after_epoch(self):
-            import optuna
-            names = self.learn.recorder.metric_names[1:-1]
-            if not self.trained or METRIC not in names: return
-            value = self.learn.recorder.log[1 + names.index(METRIC)]
-            trial.report(float(value), self.step)
-            self.step += 1
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {self.step}: {METRIC} {float(value):.3f}")
-    return PruningCallback()
+    def report(step, metrics):
+        if METRIC not in metrics: return
+        trial.report(metrics[METRIC], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {step + 1}: {METRIC} {metrics[METRIC]:.3f}")
+    return epoch_metrics(report)
 
 
 def run_point(plain: list, params: dict, folder: Path, sweep_dir: Path, trial=None) -> float:

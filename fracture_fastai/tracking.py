@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["TRACKERS", "MLflowCallback", "tracking_callbacks", "finish_tracking"]
+__all__ = ["TRACKERS", "epoch_metrics", "tracking_callbacks", "finish_tracking"]
 
 TRACKERS = ("none", "mlflow")
 DEFAULT_STORE = "mlruns"  # a local folder of the current directory
@@ -36,14 +37,14 @@ def _mlflow():
     return mlflow
 
 
-def _callback_class():
+def _epoch_metrics_class():
     from fastai.callback.core import Callback
 
-    class MLflowCallback(Callback):
-        "Log each training epoch's recorder values (train/valid loss, metrics) to the active MLflow run."
+    class EpochMetrics(Callback):
+        "After each training epoch, `log_epoch(step, {name: value})` with the recorder's losses and metrics."
         order = 70  # after the Recorder has the epoch's values
-        def __init__(self, run_id: str, uri: str):
-            self.run_id, self.uri, self.step, self.trained = run_id, uri, 0, False
+        def __init__(self, log_epoch):
+            self.log_epoch, self.step, self.trained = log_epoch, 0, False
         # get_preds fires before/after_epoch too (evaluation, plots) with no training between; lr_find is no epoch.
         def before_epoch(self): self.trained = False
         def after_train(self): self.trained = not hasattr(self.learn, "lr_finder")
@@ -52,18 +53,22 @@ def _callback_class():
             rec = self.learn.recorder
             names, values = rec.metric_names[1:-1], rec.log[1:len(rec.metric_names) - 1]
             metrics = {n: float(v) for n, v in zip(names, values) if isinstance(v, (int, float)) and math.isfinite(v)}
-            from mlflow.tracking import MlflowClient
-            client = MlflowClient(self.uri)
-            for name, value in metrics.items():
-                client.log_metric(self.run_id, name, value, step=self.step)
-            self.step += 1
-    return MLflowCallback
+            step, self.step = self.step, self.step + 1
+            self.log_epoch(step, metrics)
+    return EpochMetrics
 
 
 def __getattr__(name):
-    # `tracking.MLflowCallback` made on first access, so importing this module needs neither fastai nor MLflow.
-    if name == "MLflowCallback": return _callback_class()
+    # `tracking.EpochMetrics` made on first access, so importing this module needs neither fastai nor MLflow.
+    if name == "EpochMetrics": return _epoch_metrics_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def epoch_metrics(
+    log_epoch,  # called as log_epoch(step, {metric name: value}) after each training epoch; step counts from 0
+):
+    "A training-only fastai Callback that hands each epoch's recorder values (losses, metrics) to `log_epoch`."
+    return _epoch_metrics_class()(log_epoch)
 
 
 def _params(options: dict) -> dict:
@@ -89,8 +94,12 @@ def tracking_callbacks(
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts)
     run = client.create_run(experiment_id, run_name=Path(out).name, tags={"mlflow.source.name": "fracture_fastai.run"})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in _params(vars(args)).items()])
-    return [_callback_class()(run.info.run_id, uri)]
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _params(vars(args)).items()])
+    cb = epoch_metrics(lambda step, metrics: client.log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), step) for k, v in metrics.items()]))
+    cb.run_id, cb.uri = run_id, uri  # for finish_tracking
+    return [cb]
 
 
 def finish_tracking(
