@@ -183,7 +183,8 @@ def main(argv=None):
     dls = _dls(args, table, cache)
     _epoch_seconds(dls.train); _epoch_seconds(dls.valid)  # fill the cache: the steady state is what a run sees after its first epoch
     learn = _learner(args, dls)
-    res["precision"] = learn.precision
+    from fracture_fastai.train import precision_of
+    res["precision"] = precision_of(learn)
     res["model_img_s"] = measure_model(learn, 4 if args.quick else 12)
     res["train_img_s"], res["train_epoch_s"] = measure_train(learn)
     res["overhead"] = res["model_img_s"] / res["train_img_s"] - 1  # time(train) / time(model alone) - 1

@@ -5,7 +5,6 @@ windowing, denoise, median, CLAHE, pad-resize) computed once per (image content,
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import tempfile

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
+from .files import save_figure
 from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
 __all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "decode_images", "overlay", "gradcam_grid",
@@ -195,7 +196,7 @@ def overlay(
     _show(axs[0], image)
     _show(axs[1], image, cam, alpha)
     if title: fig.suptitle(title)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -248,7 +249,7 @@ def gradcam_grid(
                  else "Grad-CAM of the predicted class: predicted (probability)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

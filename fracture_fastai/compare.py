@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ArgumentParser, UserError, cli_errors
+from .files import atomic_path, save_figure, write_text
+from .runstate import resume_command, run_state
 
 __all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard",
            "seed_markdown", "paired_report", "main"]
@@ -46,8 +48,8 @@ COLUMNS = {
     "mass_inside": "mean share of Grad-CAM mass inside the fracture polygon",
     "mass_inside_low": "lower end of the 95 % interval of mass_inside",
     "mass_inside_high": "upper end of the 95 % interval of mass_inside",
-    "params": "parameters of the exported model (count_params on export.pkl)",
-    "cpu_ms_per_image": "CPU milliseconds per image: export.pkl loaded on the CPU, one warm-up pass, then one timed "
+    "params": "parameters of the saved model (count_params on model.json + model.safetensors, or export.pkl)",
+    "cpu_ms_per_image": "CPU milliseconds per image: the saved model loaded on the CPU, one warm-up pass, then one timed "
                         "learn.get_preds over a single batch (image reading and preprocessing included), with torch's "
                         "thread count as it is in this process",
     "cpu_timing_images": "how many images were timed and where they came from: the run's validation set, or "
@@ -76,11 +78,15 @@ def _skip_reason(run: Path) -> str | None:
         config = _read_json(run / "config.json")
     except (OSError, ValueError) as e:
         return f"config.json cannot be read ({e})"
-    status = config.get("status")
+    status = run_state(run, config)
+    if status == "interrupted":  # stopped by Ctrl-C, or dead (killed, power cut) while config.json still says running
+        return f"interrupted before the end; continue it with: {resume_command(run)}"
     if status == "failed":
-        return f"the run failed ({config.get('error', 'no reason recorded')})"
+        return f"the run failed ({config.get('error', 'no reason recorded')}); continue it with: {resume_command(run)}"
+    if status == "running":
+        return "still running"
     if status != "done":
-        return f"status is {status!r}, not 'done' (still running, or stopped before the end)"
+        return f"status is {status!r}, not 'done'"
     if not (run / "metrics.json").is_file():
         return "no metrics.json"
     try:
@@ -221,15 +227,15 @@ def _cpu_ms_per_image(learn, files) -> float:
 
 
 def _export_row(run: Path, timing: bool, n_images: int) -> dict:
-    "Parameter count and (if `timing`) CPU ms per image of `run`'s export.pkl; blanks, said on stderr, without one."
+    "Parameter count and (if `timing`) CPU ms per image of `run`'s saved model; blanks, said on stderr, without one."
     row = {"params": math.nan, "cpu_ms_per_image": math.nan, "cpu_timing_images": ""}
-    if not (run / "export.pkl").is_file():
-        print(f"note: {run} has no export.pkl; its params and CPU time are left blank", file=sys.stderr)
+    if not ((run / "model.json").is_file() or (run / "export.pkl").is_file()):
+        print(f"note: {run} has no model.json or export.pkl; its params and CPU time are left blank", file=sys.stderr)
         return row
-    from .models import count_params  # fastai and torch load only when there is an export to look at
-    from .predict import load_export
+    from .models import count_params  # fastai and torch load only when there is a model to look at
+    from .model_io import load_any
     try:
-        learn = load_export(run / "export.pkl")
+        learn = load_any(run)  # model.json (no code runs) where the run has one, else its export.pkl
     except UserError as e:
         print(f"note: {e}; params and CPU time left blank", file=sys.stderr)
         return row
@@ -249,7 +255,7 @@ def _export_row(run: Path, timing: bool, n_images: int) -> dict:
 
 def leaderboard(
     runs,  # run folders (e.g. from `collect_runs`); unfinished ones are reported on stderr and left out
-    timing: bool = True,  # time CPU inference of each export.pkl (seconds per run); False leaves that column blank
+    timing: bool = True,  # time CPU inference of each saved model (seconds per run); False leaves that column blank
     n_images: int = 16,  # images in the timed batch
 ) -> pd.DataFrame:
     "One row per finished run, best validation accuracy first; the columns are documented in `COLUMNS`."
@@ -342,7 +348,7 @@ def to_markdown(
     table = _markdown_table(_MD_COLUMNS, [_display_row(r) for r in df.itertuples(index=False)], right)
     notes = ["Sorted by validation accuracy; intervals are 95 % (Wilson for accuracy)."]
     if "torch_threads" in df.attrs:
-        notes.append(f"CPU ms/img: export.pkl on the CPU, one warm-up pass, then one timed get_preds over a batch "
+        notes.append(f"CPU ms/img: the saved model on the CPU, one warm-up pass, then one timed get_preds over a batch "
                      f"(see cpu_timing_images in the CSV), {df.attrs['torch_threads']} torch thread(s).")
     return table + "\n\n" + "\n".join(notes) + "\n"
 
@@ -370,8 +376,7 @@ def plot_leaderboard(
     ax.grid(axis="x", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_leaderboard(
@@ -382,9 +387,10 @@ def write_leaderboard(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "leaderboard.md"
-    md.write_text("# Leaderboard\n\n" + to_markdown(df), encoding="utf-8")
+    write_text("# Leaderboard\n\n" + to_markdown(df), md)
     csv = out / "leaderboard.csv"
-    df.to_csv(csv, index=False)
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
     return [md, csv, plot_leaderboard(df, out / "leaderboard.png")]
 
 

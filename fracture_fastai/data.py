@@ -311,8 +311,6 @@ def _verdicts_file() -> Path | None:
 def drop_unreadable(table: DataTable) -> DataTable:
     "Leave out (and count, by reason) files that do not decode completely, so one bad file cannot stop a run mid-epoch."
     import json
-    import os
-    import tempfile
     # A full decode of every image takes seconds: the verdicts are kept beside the preprocessing cache, keyed by
     # path, size and modification time, so that a second load of the same data only looks them up.
     store = _verdicts_file()
@@ -330,10 +328,8 @@ def drop_unreadable(table: DataTable) -> DataTable:
         problems.append(verdicts[key] or None)
     if new and store is not None:
         try:  # atomic, so two runs sharing the store never leave half a file; a lost update only costs a re-check
-            store.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w") as out: json.dump(verdicts, out)
-            os.replace(tmp, store)
+            from .files import write_text
+            write_text(json.dumps(verdicts), store)
         except OSError:
             pass
     problems = pd.Series(problems, index=table.df.index)
@@ -473,7 +469,7 @@ def radiograph_dataloaders(
     bs: int = 32,  # batch size
     seed: int = 42,  # seeds the shuffling, the oversampling and the augmentation
     num_workers: int | None = None,  # DataLoader worker processes; None: `default_workers(device)`
-    balance: str = "none",  # class imbalance: 'none', 'oversample' (weighted sampling) or 'weights' (loss weights)
+    balance: str = "none",  # class imbalance: 'oversample' draws each class equally often; 'weights' and 'none' leave sampling be
     clahe: bool = True,  # CLAHE + median filter; False keeps only the grayscale conversion
     flip_vert: bool = False,  # add vertical flips to the augmentation
     augment: bool = True,  # fastai aug_transforms with radiograph defaults
@@ -503,6 +499,8 @@ def radiograph_dataloaders(
         raise DataError(f"the data has one class only ({classes[0]!r}): a classifier needs at least two; "
                         "add the other classes' images")
     empty_valid = sorted(set(classes) - set(items[items.split == "valid"].label))
+    if empty_valid:  # the run goes on, and says which recalls it cannot measure
+        table.notes.append(f"class(es) {empty_valid} have no validation images: their validation recall is not measured")
     if set(items[items.split == "train"].label) != set(classes):
         missing = sorted(set(classes) - set(items[items.split == "train"].label))
         raise DataError(f"class(es) {missing} have no training images; add images or drop the class")
@@ -540,8 +538,6 @@ def radiograph_dataloaders(
         if unknown:
             raise DataError(f"test class(es) {unknown} never occur in train; the model cannot predict them")
         dls.loaders.append(dls.test_dl(test.reset_index(drop=True), with_labels=True))
-    dls.balance = balance
-    dls.empty_valid_classes = empty_valid
     return dls
 
 
@@ -549,7 +545,7 @@ def save_batch(dls, path, max_n: int = 9, split: int = 0) -> Path:
     "Save `show_batch` of the train (0) or valid (1) DataLoader as a PNG; works without a display."
     from .evaluate import plt  # pyplot on the file backend, or a notebook's own
     dls[split].show_batch(max_n=max_n, figsize=(9, 9))
-    path = Path(path)
-    plt.gcf().savefig(path, bbox_inches="tight")
+    from .files import save_figure
+    path = save_figure(plt.gcf(), path)
     plt.close("all")
     return path

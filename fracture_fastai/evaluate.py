@@ -4,7 +4,6 @@ Everything returned is plain JSON-serialisable Python, so a run folder can store
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import matplotlib
 import numpy as np
 
 from .errors import UserError
+from .files import save_figure, write_json  # noqa: F401  (write_json: re-exported, its old home)
 
 # Plots go to files, never to a screen; a Jupyter kernel keeps its own (inline) backend.
 if "ipykernel" not in sys.modules:
@@ -226,7 +226,7 @@ def _save(path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = plt.gcf()
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -307,29 +307,6 @@ def plot_curves(
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     return _save(path)
-
-
-def write_json(
-    obj,  # JSON-serialisable object (numpy scalars and Paths are converted)
-    path,  # file to write
-) -> Path:
-    "Write `obj` as indented JSON; numpy numbers and Paths become plain numbers and strings."
-    def _plain(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n", encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a file, even if the run is killed mid-write
-    return path
-
-
 def prediction_table(
     learn,  # a trained fastai Learner for single-label classification
     dl=None,  # a labelled DataLoader whose items are a table with a `file` column; None: the validation set
@@ -360,8 +337,7 @@ def write_predictions(
     parts = [prediction_table(learn, learn.dls.valid, "valid", tta)]
     if len(learn.dls.loaders) > 2:
         parts.append(prediction_table(learn, learn.dls[2], "test", tta))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
-    tmp.replace(path)  # a reader never sees half a file
-    return path
+    from .files import atomic_path
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
+    return Path(path)

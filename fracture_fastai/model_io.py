@@ -3,12 +3,12 @@ beside fastai's `export.pkl`, a pickle. `load_any` takes a run folder, a model.j
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from functools import partial
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_path, write_json
 
 __all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model"]
 
@@ -33,17 +33,6 @@ def describe_model(learn) -> dict:
                            "denoise": pre.denoise}}
 
 
-def _atomic(path: Path, write):
-    "Call `write(tmp_path)`, then rename onto `path`: a reader never finds half a file."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-
-
 def save_model(
     learn,  # a trained Learner from `train.radiograph_learner`
     folder,  # where model.safetensors and model.json go
@@ -55,8 +44,9 @@ def save_model(
     meta = {**describe_model(learn), **extra, "weights": "model.safetensors"}
     # Plain contiguous CPU tensors: safetensors stores no strides, and a channels-last layout is the CPU's choice.
     state = {k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()}
-    _atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT}))
-    _atomic(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
+    write_json(meta, folder / "model.json")
     return folder / "model.json"
 
 
@@ -85,6 +75,7 @@ def load_model(
     path,  # model.json, or the run folder that holds it
 ):
     "A fastai Learner rebuilt from model.json + model.safetensors: no pickle, so nothing in the files can run code."
+    import fastai.callback.progress  # noqa: F401  (Learner.no_bar and progress bars, as on any fastai Learner)
     import torch
     from fastai.learner import Learner
     from safetensors.torch import load_file

@@ -447,7 +447,9 @@ def create_learner(arch: str,  # a registered arch name (see `list_archs`)
                    weights: str | Path | None = None,  # a state_dict file to start the body from
                    n_out: int | None = None,  # number of outputs; `dls.c` when None
                    **learner_kwargs) -> Learner:
-    "A Learner for `arch`: frozen body with ImageNet weights when they were found, else everything trainable."
+    """A Learner for `arch`: frozen body with ImageNet weights when they were found, else everything trainable.
+    `learn.pretrained` (fastai's own attribute, as vision_learner sets it) says whether ImageNet weights were loaded;
+    `learn.weights_info` (a `WeightsInfo`) says which, from where, and the note for the user."""
     spec = get_arch(arch)
     info = resolve_weights(spec.name, pretrained, weights)
     n_out = n_out or get_c(dls)

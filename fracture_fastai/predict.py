@@ -13,6 +13,7 @@ import pandas as pd
 
 from .data import IMAGE_EXTS
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
+from .files import atomic_path
 
 __all__ = ["load_export", "find_images", "predict_files", "main"]
 
@@ -192,8 +193,8 @@ def _predict_command(args) -> int:
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     if csv is not None:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv, index=False, float_format="%.6f")
+        with atomic_path(csv) as tmp:  # an earlier file of the same name stays whole until the new one is
+            table.to_csv(tmp, index=False, float_format="%.6f")
         print(csv)
     else:
         for row in table.itertuples(index=False):

@@ -2,7 +2,6 @@
 history and every plot embedded), readable in any browser without Python, a server or the run folder itself."""
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -10,6 +9,8 @@ import math
 from pathlib import Path
 
 from .errors import ArgumentParser, UserError, cli_errors
+from .files import write_text
+from .runstate import resume_command, run_state
 
 __all__ = ["render_report", "write_report", "main"]
 
@@ -101,11 +102,16 @@ def _read_json(path: Path, required: bool = False) -> dict:
 def _header(run: Path, config: dict) -> str:
     "Title, status and the synthetic-data warning."
     arch = config.get("options", {}).get("arch", "unknown arch")
+    status = run_state(run, config)  # a run killed hard still says 'running' in its config.json
     parts = [f"<h1>{_e(arch)} &mdash; {_e(run.name)}</h1>",
-             (f'<p class="muted">run folder {_e(run.resolve())}; status {_e(config.get("status", "unknown"))}; '
+             (f'<p class="muted">run folder {_e(run.resolve())}; status {_e(status)}; '
               f'started {_e(config.get("started", "?"))}, finished {_e(config.get("finished", "-"))}</p>')]
-    if config.get("error"):
-        parts.append(f'<p class="error">The run failed: {_e(config["error"])}</p>')
+    if status == "interrupted":
+        parts.append(f'<p class="error">The run was interrupted before the end{": " + _e(config["error"]) if config.get("error") else ""}. '
+                     f"Continue it with <code>{_e(resume_command(run))}</code></p>")
+    elif config.get("error"):
+        parts.append(f'<p class="error">The run failed: {_e(config["error"])}. '
+                     f"Continue it after fixing the cause with <code>{_e(resume_command(run))}</code></p>")
     if config.get("data", {}).get("synthetic_demo"):
         parts.append('<p class="warn">Trained on the built-in SYNTHETIC demo dataset: these results say nothing '
                      "about real radiographs.</p>")
@@ -251,10 +257,7 @@ def write_report(
     run = Path(run_dir)
     text = render_report(run)
     path = run / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a browser never opens half a report
-    return path
+    return write_text(text, path)  # atomic: a browser never opens half a report
 
 
 @cli_errors

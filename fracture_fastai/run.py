@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18", metavar="ARCH", help=f"architecture, one of: {', '.join(archs)}")
     p.add_argument("--data", default=None, help="YOLO export, folder tree of classes or CSV; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last epoch's checkpoint, with the options it started with")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=8, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
@@ -86,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--track-uri", default=None, help="MLflow tracking URI, or a folder for a local store; default: ./mlruns")
     t.add_argument("--track-experiment", default="fracture_fastai", help="MLflow experiment the run goes to")
     args = p.parse_args(argv)
+    if args.resume is not None:
+        given = sorted(k for k, v in vars(args).items() if k != "resume" and v != p.get_default(k))
+        if given:
+            raise UserError(f"--resume takes no other options (given: {', '.join('--' + k.replace('_', '-') for k in given)}); "
+                            "a resumed run keeps the options recorded in its config.json")
+        return resume_args(args.resume, p)
     from .models import get_arch
     args.arch = get_arch(args.arch).name  # one rule for names everywhere: case-insensitive (ArchError if unknown)
     _check_options(args)
@@ -109,12 +118,44 @@ def _check_options(args):
     need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
     need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
-    if args.out is not None:
+    if args.out is not None and getattr(args, "resume", None) is None:
         check_writable(args.out, "--out", folder=True)
         if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
             raise UserError(f"run folder {args.out!r} already holds a run; pass a new --out (earlier results are kept)")
     if args.weights is not None and not Path(args.weights).expanduser().is_file():
         raise UserError(f"--weights {args.weights}: no such file; pass a state_dict (.pth/.pt/.safetensors)")
+
+
+def resume_args(run_dir, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    "The options of the interrupted run in `run_dir`, checked: it must exist, have stopped, and not have finished."
+    import json
+    from .runstate import run_state
+    from .train import load_checkpoint
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"--resume {run_dir}: not a run folder (no config.json); pass a folder made by "
+                        "python -m fracture_fastai.run") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {run_dir}: config.json cannot be read ({type(e).__name__}); the run cannot be resumed") from None
+    state = run_state(run_dir, config)
+    if state == "done":
+        raise UserError(f"the run in {run_dir} finished already: nothing to resume (start a new run with a new --out)")
+    if state == "running":
+        proc = config.get("process", {})
+        raise UserError(f"the run in {run_dir} is still running (process {proc.get('pid')} on {proc.get('host')}); "
+                        "resume it once it has stopped")
+    load_checkpoint(run_dir)  # an unreadable checkpoint is reported now, not after the data has loaded
+    options = {k: v for k, v in config.get("options", {}).items() if k != "resume"}
+    unknown = set(options) - set(vars(parser.parse_args([])))
+    if unknown or "arch" not in options:
+        raise UserError(f"--resume {run_dir}: its config.json was not written by this version's run "
+                        f"({'unknown options ' + ', '.join(sorted(unknown)) if unknown else 'no arch'}); start a new run")
+    args = parser.parse_args([])  # today's defaults for anything the run did not record
+    vars(args).update(options, out=str(run_dir), resume=str(run_dir))
+    _check_options(args)
+    return args
 
 
 def new_run_dir(out, arch: str) -> Path:
@@ -156,7 +197,7 @@ class Phases(dict):
         return _timed()
 
 
-def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=()):
+def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resume: dict | None = None, cbs=()):
     import pandas as pd
 
     from .cam import gradcam_grid, score_localisation
@@ -164,22 +205,23 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=
     from .report import write_report
     from .model_io import save_model
     from .distributed import data_parallel, is_main
-    from .train import export_learner, radiograph_learner, train
+    from .train import CHECKPOINT, export_learner, precision_of, radiograph_learner, train
 
     with phases("learner"):
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
-                                   label_smoothing=args.label_smoothing, precision=args.precision, path=out)
+                                   label_smoothing=args.label_smoothing, balance=args.balance, precision=args.precision,
+                                   path=out)
     learn.add_cbs(cbs)
-    info = learn.weights_info
-    print(f"weights: {info.note}; precision: {learn.precision}", flush=True)
-    config.update(weights=info.source, precision=learn.precision)
+    info, precision = learn.weights_info, precision_of(learn)
+    print(f"weights: {info.note}; precision: {precision}", flush=True)
+    config.update(weights=info.source, precision=precision)
     write_json(config, out / "config.json")
 
     start = time.time()
     with phases("train"), data_parallel(learn):  # several processes under torchrun / accelerate launch
         summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
                         schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
-                        patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size)
+                        patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume)
     if not is_main():  # rank 0 alone evaluates and writes
         return learn, {}
     history = pd.read_csv(out / "history.csv")
@@ -211,10 +253,12 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, cbs=
     with phases("report"):
         config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                       finished=datetime.now().isoformat(timespec="seconds"), phases=phases)
+        config.pop("resume", None)
         write_json(config, out / "config.json")
         write_report(out)
     config["phases"] = phases  # the report's own time, too
     write_json(config, out / "config.json")
+    (out / learn.model_dir / CHECKPOINT).unlink(missing_ok=True)  # done: the export and best.pth are what is kept
     return learn, metrics
 
 
@@ -222,11 +266,12 @@ def run(
     args: argparse.Namespace,  # options from `parse_args`
     cbs=(),  # extra fastai callbacks for training only (e.g. a sweep's pruning), taken out before the export
 ) -> Path:
-    "Do one run as `args` says; return the run folder."
+    "Do one run as `args` says (or continue the one `args.resume` names); return the run folder."
     from . import distributed
     from .data import load_table, radiograph_dataloaders, sample_per_class
     from .demo import make_demo
     from .models import arch_stats
+    from .runstate import Heartbeat, owner, resume_command
 
     demo = args.data is None
     if demo:
@@ -243,21 +288,34 @@ def run(
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)
-    out = distributed.share_path(new_run_dir(args.out, args.arch) if distributed.is_main() else None)
-    out = out if distributed.is_main() else distributed.worker_dir(out)  # other ranks write to scratch only
     train = dls.train
-    config = {"options": {**vars(args), "size": size}, "data": {"path": str(args.data) if args.data else "demo",
-              "synthetic_demo": demo, "source": table.source, **table.summary(), "notes": table.notes,
-              "classes": list(dls.vocab), "images_per_epoch": train.n, "num_workers": train.fake_l.num_workers},
-              "versions": _versions(), "device": str(dls.device), "world_size": distributed.world_size(), "started": datetime.now().isoformat(timespec="seconds"),
-              "status": "running"}
+    data = {"path": str(args.data) if args.data else "demo", "synthetic_demo": demo, "source": table.source,
+            **table.summary(), "notes": table.notes, "classes": list(dls.vocab), "images_per_epoch": train.n,
+            "num_workers": train.fake_l.num_workers}
+    if args.resume:
+        out, resume = Path(args.resume), None
+        config = _resumed_config(out, data)
+        from .train import load_checkpoint
+        resume = load_checkpoint(out)
+        print(f"resuming {out}: " + (f"{resume['phase']} phase, {resume['epochs_done']} of {resume['n_epoch']} epochs "
+              "done" if resume else "no epoch had finished; training starts again"), flush=True)
+    else:
+        out = distributed.share_path(new_run_dir(args.out, args.arch) if distributed.is_main() else None)
+        resume = None
+        config = {"options": {**vars(args), "size": size}, "data": data, "versions": _versions(),
+                  "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds")}
+    config.update(status="running", process=owner(), resume=resume_command(out), world_size=distributed.world_size())
+    out = out if distributed.is_main() else distributed.worker_dir(out)  # other ranks write to scratch only
     write_json(config, out / "config.json")
     from .tracking import finish_tracking, tracking_callbacks
     tracked = tracking_callbacks(args, out) if distributed.is_main() else []  # --track: MLflow; [] by default
     try:
-        learn, metrics = _train_and_evaluate(args, dls, out, config, phases, list(cbs) + tracked)
-    except BaseException as e:  # the folder says the run did not finish, and why
-        config.update(status="failed", error=f"{type(e).__name__}: {e}")
+        with Heartbeat(out):
+            learn, metrics = _train_and_evaluate(args, dls, out, config, phases, resume=resume, cbs=list(cbs) + tracked)
+    except BaseException as e:  # the folder says the run did not finish, why, and how to go on
+        interrupted = isinstance(e, KeyboardInterrupt)
+        config.update(status="interrupted" if interrupted else "failed",
+                      error="interrupted (Ctrl-C)" if interrupted else f"{type(e).__name__}: {e}")
         write_json(config, out / "config.json")
         finish_tracking(tracked, out, status="FAILED")
         try:  # a report of the failure helps; it must not hide the original error
@@ -265,6 +323,8 @@ def run(
             write_report(out)
         except Exception:
             pass
+        if interrupted:
+            print(f"interrupted; continue with: {resume_command(out)}", file=sys.stderr, flush=True)
         raise
     distributed.finish(out)
     finish_tracking(tracked, out)
@@ -275,8 +335,25 @@ def run(
     return out
 
 
+def _resumed_config(out: Path, data: dict) -> dict:
+    "The interrupted run's config.json, checked against the data as it loads today, with this attempt recorded."
+    import json
+    config = json.loads((out / "config.json").read_text())
+    before = config.get("data", {})
+    for key in ("classes", "images_per_epoch", "splits"):
+        if before.get(key) != data.get(key):
+            raise UserError(f"the data of {out} changed since the run started ({key}: {before.get(key)} then, "
+                            f"{data.get(key)} now); start a new run instead of resuming")
+    config.setdefault("resumed", []).append(datetime.now().isoformat(timespec="seconds"))
+    config.pop("error", None)
+    return config
+
+
 @cli_errors
 def main(argv=None):
+    import signal
+    def _stop(signum, frame): raise KeyboardInterrupt  # `kill` (SIGTERM) stops a run as Ctrl-C does: resumable, said so
+    signal.signal(signal.SIGTERM, _stop)
     args = parse_args(argv)
     out = run(args)
     from .distributed import is_main

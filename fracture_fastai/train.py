@@ -21,11 +21,13 @@ from fastcore.meta import delegates
 
 from .data import class_weights
 from .errors import UserError
+from .files import atomic_path, save_figure
 from .models import create_learner
 
-__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "CPUBFloat16",
+__all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "precision_of", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
            "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "fit_warm_restarts", "train",
+           "Checkpoint", "load_checkpoint",
            "export_learner"]
 
 SCHEDULES = ("one_cycle", "sgdr")
@@ -47,6 +49,15 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "fp16" and not cuda:
         raise UserError("precision fp16 needs a CUDA GPU; on the CPU use bf16 (or auto)")
     return precision
+
+
+def precision_of(learn) -> str:
+    "'fp16', 'bf16' or 'fp32': what `learn`'s callbacks compute in (the callbacks are the truth, not a recorded flag)."
+    from fastai.callback.fp16 import AMPMode, MixedPrecision
+    for cb in learn.cbs:
+        if isinstance(cb, CPUBFloat16): return "bf16"
+        if isinstance(cb, MixedPrecision): return "bf16" if cb.amp_mode == AMPMode.BF16 else "fp16"
+    return "fp32"
 
 
 class PlainInputs(Callback):
@@ -86,12 +97,16 @@ def radiograph_learner(
     dls,  # DataLoaders from `radiograph_dataloaders`
     wd: float = 1e-2,  # decoupled weight decay (AdamW)
     label_smoothing: float = 0.0,  # spread this much target probability over the other classes; 0 = plain cross-entropy
+    balance: str = "none",  # class imbalance: 'weights' weighs the loss by inverse class frequency; others leave it plain
     precision: str = "auto",  # 'auto', 'fp32', 'bf16' or 'fp16' (see `resolve_precision`)
     channels_last: bool = True,  # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
     **kwargs,
 ):
-    "A Learner for `arch` with AdamW, accuracy and macro-F1, mixed precision, class-weighted loss when `dls.balance == 'weights'`."
-    weights = class_weights(dls).to(dls.device) if getattr(dls, "balance", "none") == "weights" else None
+    "A Learner for `arch` with AdamW, accuracy and macro-F1, mixed precision, a class-weighted loss when `balance='weights'`."
+    from .data import BALANCE
+    if balance not in BALANCE:
+        raise UserError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+    weights = class_weights(dls).to(dls.device) if balance == "weights" else None
     if not 0 <= label_smoothing < 1:
         raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     # Label smoothing keeps a model from betting everything on a label that may be wrong (a few per cent here are).
@@ -101,9 +116,9 @@ def radiograph_learner(
     learn = create_learner(arch, dls, loss_func=loss, opt_func=Adam, wd=wd,
                            metrics=[accuracy, F1Score(average="macro")], **kwargs)
     learn.add_cb(PlainInputs())
-    learn.precision = resolve_precision(precision, dls.device)
-    if learn.precision == "fp16": learn.to_fp16()
-    elif learn.precision == "bf16":
+    precision = resolve_precision(precision, dls.device)
+    if precision == "fp16": learn.to_fp16()
+    elif precision == "bf16":
         if getattr(dls.device, "type", str(dls.device)) == "cuda": learn.to_bf16()
         else: learn.add_cb(CPUBFloat16())
     if channels_last:
@@ -123,6 +138,7 @@ class HistoryCallback(Callback):
         self._start = time.time()
 
     def after_epoch(self):
+        if _skipped(self.learn): return
         rec = self.learn.recorder
         names = rec.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = rec.log[1:len(names) + 1]
@@ -132,7 +148,7 @@ class HistoryCallback(Callback):
         self.rows.append(row)
         if self.fname:
             keys = list(dict.fromkeys(k for r in self.rows for k in r))
-            with open(self.fname, "w", newline="") as f:
+            with atomic_path(self.fname) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=keys)
                 writer.writeheader()
                 writer.writerows(self.rows)
@@ -152,6 +168,7 @@ class PlainProgressCallback(Callback):
         self.learn.logger = self._old_logger
 
     def _write(self, log):
+        if _skipped(self.learn): return
         names = self.learn.recorder.metric_names
         parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names[1:], log[1:])]
         print(f"epoch {log[0] + 1}/{self.n_epoch}: " + ", ".join(parts), flush=True)
@@ -163,7 +180,7 @@ def suggest_lr(learn, out_png=None, num_it: int = 50, lower: float = 1e-5, upper
     with learn.no_bar():
         found = learn.lr_find(num_it=num_it, show_plot=out_png is not None)
     if out_png is not None:
-        plt.gcf().savefig(out_png, bbox_inches="tight")
+        save_figure(plt.gcf(), out_png)
         plt.close("all")
     lr = float(found.valley)
     # A short lr_find on a small dataset can point at the edge of the sweep; clipping keeps a run from diverging.
@@ -210,7 +227,7 @@ class ProgressiveResize(Callback):
         self.tfm.size = self.old_size  # the shared transform also serves validation-time TTA at full size
 
 
-def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult: int = 1, cbs=None):
+def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult: int = 1, cbs=None, start_epoch: int = 0):
     "Cosine annealing with warm restarts (SGDR) for exactly `epochs` epochs: cycles of `cycle_len`, each `cycle_mult` times longer."
     if cycle_len < 1 or cycle_mult < 1:
         raise UserError(f"cycle_len and cycle_mult must be >= 1, got {cycle_len} and {cycle_mult}")
@@ -223,30 +240,128 @@ def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult
     learn.opt.set_hyper("lr", lr_max)
     lr_max = [h["lr"] for h in learn.opt.hypers]
     scheds = {"lr": combine_scheds([n / epochs for n in lengths], [SchedCos(torch.tensor(lr_max), 0) for _ in lengths])}
-    learn.fit(epochs, cbs=ParamScheduler(scheds) + L(cbs))
+    learn.fit(epochs, cbs=ParamScheduler(scheds) + L(cbs), start_epoch=start_epoch)
 
 
-class _FromEpoch:
-    "Mixin for fastai's trackers: ignore the epochs before `from_epoch` (those at a smaller progressive size)."
-    def __init__(self, *args, from_epoch: int = 0, **kwargs):
+def _skipped(learn) -> bool:
+    "Is this epoch one that fastai's `SkipToEpoch` (`fit(start_epoch=...)`, a resumed run) passes over?"
+    from fastai.learner import SkipToEpoch
+    return any(isinstance(cb, SkipToEpoch) and learn.epoch < cb._skip_to for cb in learn.cbs)
+
+
+class _Resumable:
+    "Mixin for fastai's trackers: ignore epochs before `from_epoch` (smaller progressive sizes, or epochs a resume skips); start from `state`."
+    def __init__(self, *args, from_epoch: int = 0, state: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.from_epoch = from_epoch
+        self.from_epoch, self.state = from_epoch, state
+
+    def before_fit(self):
+        super().before_fit()
+        if self.state:  # a resumed run: the best so far and the epochs waited, as its checkpoint recorded them
+            self.best = self.state["best"]
+            if hasattr(self, "wait"): self.wait = self.state["wait"]
 
     def after_epoch(self):
-        if self.epoch >= self.from_epoch: super().after_epoch()
+        if self.epoch >= self.from_epoch and not _skipped(self.learn): super().after_epoch()
+
+    def snapshot(self) -> dict:
+        return {"best": float(self.best), "wait": getattr(self, "wait", None)}
 
 
-class _SaveBest(_FromEpoch, SaveModelCallback): pass
-class _EarlyStopping(_FromEpoch, EarlyStoppingCallback): pass
+class _SaveBest(_Resumable, SaveModelCallback): pass
+class _EarlyStopping(_Resumable, EarlyStoppingCallback): pass
 
 
-def _callbacks(monitor: str, patience: int, history: HistoryCallback, from_epoch: int = 0):
+CHECKPOINT = "checkpoint.pth"
+CHECKPOINT_FORMAT = "fracture_fastai-checkpoint/1"
+
+
+class Checkpoint(Callback):
+    "After every epoch: model, optimiser, RNG states and the run's progress to `path`, atomically, for `train(resume=...)`."
+    order = 64  # after the history and the trackers (early stopping included) have counted the epoch
+
+    def __init__(self, path, phase: str, history: HistoryCallback, info: dict, resume: dict | None = None):
+        self.path, self.phase, self.history, self.info = Path(path), phase, history, info
+        self.resume = resume if resume and resume["phase"] == phase else None
+
+    def before_fit(self):
+        if self.resume:  # the recorder's smoothed training loss goes on as it was, not from zero (after it resets it)
+            smooth = self.learn.recorder.smooth_loss
+            smooth.count, smooth.val = self.resume["smooth_loss"]["count"], self.resume["smooth_loss"]["val"]
+
+    def after_epoch(self):
+        if not _skipped(self.learn): self.save(self.epoch + 1)
+
+    def after_cancel_fit(self):
+        # Early stopping ends the fit by raising in its after_epoch, before this callback's turn: that epoch is
+        # saved here, as the end of its phase, so that a resume goes straight on to what follows.
+        if any(isinstance(cb, _EarlyStopping) and cb.wait >= cb.patience for cb in self.learn.cbs):
+            self.save(self.n_epoch)
+
+    def save(self, epochs_done: int):
+        import random
+        from fastai.torch_core import get_model, rank_distrib
+        if rank_distrib(): return  # several processes (torchrun): rank 0 alone writes, as fastai's Learner.save
+        train_dl = getattr(self.dls.train, "dl", self.dls.train)  # under DDP: the DataLoader inside DistributedDL
+        state = {"format": CHECKPOINT_FORMAT, "phase": self.phase, "epochs_done": epochs_done, "n_epoch": self.n_epoch,
+                 "history": self.history.rows, **self.info,
+                 "smooth_loss": {"count": self.learn.recorder.smooth_loss.count, 
+                                "val": torch.as_tensor(self.learn.recorder.smooth_loss.val).as_subclass(torch.Tensor)},
+                 "trackers": {type(cb).__name__: cb.snapshot() for cb in self.learn.cbs if isinstance(cb, _Resumable)},
+                 "model": get_model(self.learn.model).state_dict(), "opt": _plain(self.learn.opt.state_dict()),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "train_dl": train_dl.rng.getstate()}}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def _plain(obj):
+    "Numpy scalars to Python numbers, recursively: a checkpoint then loads with `weights_only=True` (no pickle code)."
+    import numpy as np
+    if isinstance(obj, dict): return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple): return tuple(_plain(v) for v in obj)
+    if isinstance(obj, (list, L)): return [_plain(v) for v in obj]  # fastcore's L too: a list to the loader
+    if isinstance(obj, np.generic): return obj.item()
+    return obj
+
+
+def load_checkpoint(folder) -> dict | None:
+    "The last checkpoint of the run in `folder` (`models/checkpoint.pth`), or None where the run saved none."
+    path = Path(folder) / "models" / CHECKPOINT
+    if not path.is_file(): return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to restart the run's training "
+                        "from its first epoch") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a fracture_fastai checkpoint; delete it to restart the run's training")
+    return state
+
+
+def _restore(learn, state: dict, with_opt: bool = True):
+    "Put a checkpoint's model (and optimiser, RNG states) back into `learn`."
+    import random
+    from fastai.torch_core import get_model
+    get_model(learn.model).load_state_dict(state["model"])
+    if with_opt:
+        if learn.opt is None: learn.create_opt()
+        learn.opt.load_state_dict({**state["opt"], "hypers": L(state["opt"]["hypers"])})  # fastai keeps them in an L
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        learn.dls.train.rng.setstate(state["rng"]["train_dl"])
+
+
+def _callbacks(monitor: str, patience: int, history: HistoryCallback, from_epoch: int = 0, trackers: dict | None = None):
     # fastai picks the direction from the name: lower is better for a loss, higher for accuracy.
     # With progressive resizing an epoch validates at its own size, so only full-size epochs compete: the kept
     # model must score what the export (full size) will score.
-    cbs = [history, _SaveBest(monitor=monitor, fname="best", with_opt=False, from_epoch=from_epoch)]
+    trackers = trackers or {}
+    cbs = [history, _SaveBest(monitor=monitor, fname="best", with_opt=False, from_epoch=from_epoch,
+                              state=trackers.get("_SaveBest"))]
     if patience:
-        cbs.append(_EarlyStopping(monitor=monitor, patience=patience, from_epoch=from_epoch))
+        cbs.append(_EarlyStopping(monitor=monitor, patience=patience, from_epoch=from_epoch,
+                                  state=trackers.get("_EarlyStopping")))
     return cbs
 
 
@@ -264,6 +379,7 @@ def train(
     out_dir=None,  # where lr_find.png, history.csv and the best weights go
     lr_find_iters: int = 50,  # iterations of the lr_find sweep
     min_size: int | None = None,  # progressive resizing: first epochs at this side, ramping up to the DataLoaders' size
+    resume: dict | None = None,  # a checkpoint from `load_checkpoint`: go on from its last epoch with the same settings
 ) -> dict:
     "Train `learn` with the seed's recipe, the fastai way: lr_find, then fine_tune (pretrained) or one-cycle/SGDR from scratch."
     if schedule not in SCHEDULES:
@@ -278,15 +394,19 @@ def train(
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
         learn.add_cb(PlainProgressCallback())
-    pretrained = bool(getattr(getattr(learn, "weights_info", None), "pretrained", False))
+    pretrained = bool(getattr(learn, "pretrained", False))  # fastai's own record (vision_learner's, and create_learner's)
     full = _input_size(learn.dls)
     sizes = progressive_sizes(epochs, min_size, full) if min_size and full else [full] * epochs
     # lr_find and the frozen epochs run at the first size, the one the main phase starts from.
     first = [ProgressiveResize(sizes[:1])] if sizes[0] != full else []
     start = time.time()
+    state = resume or {}
+    done = _epochs_done(state, freeze_epochs if pretrained else 0)
     if lr is None: lr = FINE_TUNE_LR if pretrained else "find"
     lr_found = None
-    if lr == "find":
+    if state:  # the rate the run chose when it started, lr_find's included: no second sweep
+        lr, lr_found = state["lr"], state["lr_find_suggestion"]
+    elif lr == "find":
         with learn.added_cbs(first):
             lr = lr_found = suggest_lr(learn, out_dir / "lr_find.png", num_it=lr_find_iters)
     elif isinstance(lr, str) or not (math.isfinite(lr) and lr > 0):
@@ -294,10 +414,16 @@ def train(
     lr_find_seconds = time.time() - start
     base_lr = lr
     history = HistoryCallback(out_dir / "history.csv")
+    history.rows = list(state.get("history", []))
+    checkpoint = out_dir / learn.model_dir / CHECKPOINT
+    info = {"lr": base_lr, "lr_find_suggestion": lr_found}
     if pretrained and freeze_epochs > 0:
         history.phase = "frozen"
         learn.freeze()
-        learn.fit_one_cycle(freeze_epochs, slice(lr), pct_start=0.99, cbs=[history] + first)
+        if state.get("phase") == "frozen": _restore(learn, state, with_opt=done["frozen"] < freeze_epochs)
+        if done["frozen"] < freeze_epochs:
+            learn.fit_one_cycle(freeze_epochs, slice(lr), pct_start=0.99, start_epoch=done["frozen"],
+                                cbs=[history, Checkpoint(checkpoint, "frozen", history, info, state)] + first)
         learn.unfreeze()
         lr = lr / 2  # fastai's fine_tune halves the rate and spreads it over the layer groups
     history.phase = "unfrozen" if pretrained else "train"
@@ -306,19 +432,34 @@ def train(
     # epochs): lr_mult 3 reached 0.867 validation accuracy at its best epoch, lr_mult 10 0.832.
     lrs = slice(lr / lr_mult, lr) if pretrained else lr
     from_epoch = sizes.index(full)
-    cbs = _callbacks(monitor, patience, history, from_epoch) + ([ProgressiveResize(sizes)] if sizes[0] != full else [])
-    if schedule == "one_cycle":
-        kwargs = dict(pct_start=0.3, div=5.0) if pretrained else {}
-        learn.fit_one_cycle(epochs, lrs, cbs=cbs, **kwargs)
-    else:
-        fit_warm_restarts(learn, epochs, lrs, cycle_len=cycle_len, cycle_mult=cycle_mult, cbs=cbs)
+    if state.get("phase") == "main": _restore(learn, state, with_opt=done["main"] < epochs)
+    if done["main"] < epochs:
+        cbs = (_callbacks(monitor, patience, history, max(from_epoch, done["main"]), trackers=state.get("trackers"))
+               + [Checkpoint(checkpoint, "main", history, info, state)]
+               + ([ProgressiveResize(sizes)] if sizes[0] != full else []))
+        if schedule == "one_cycle":
+            kwargs = dict(pct_start=0.3, div=5.0) if pretrained else {}
+            learn.fit_one_cycle(epochs, lrs, cbs=cbs, start_epoch=done["main"], **kwargs)
+        else:
+            fit_warm_restarts(learn, epochs, lrs, cycle_len=cycle_len, cycle_mult=cycle_mult, cbs=cbs,
+                              start_epoch=done["main"])
+    else:  # stopped after its last epoch: what SaveModelCallback loads at the end of a fit
+        learn.load("best", with_opt=False)
     main_rows = [r for r in history.rows if r["phase"] != "frozen"]
     sign = 1 if monitor == "valid_loss" else -1
     best = min(main_rows[from_epoch:], key=lambda r: sign * r[monitor])  # the epoch SaveModelCallback reloaded
     return {"lr": base_lr, "lr_find_suggestion": lr_found, "epochs_run": len(history.rows), "best_epoch": best["epoch"],
             "best": {monitor: best[monitor]}, "early_stopped": len(main_rows) < epochs,
             "train_seconds": round(time.time() - start, 1), "lr_find_seconds": round(lr_find_seconds, 1),
-            "sizes": sizes}
+            "sizes": sizes, "resumed_from": ({"phase": state["phase"], "epochs_done": state["epochs_done"]}
+                                             if state else None)}
+
+
+def _epochs_done(state: dict, freeze_epochs: int) -> dict:
+    "Epochs finished in each phase ('frozen', 'main') according to a checkpoint's `state` ({} = none yet)."
+    if not state: return {"frozen": 0, "main": 0}
+    if state["phase"] == "frozen": return {"frozen": state["epochs_done"], "main": 0}
+    return {"frozen": freeze_epochs, "main": state["epochs_done"]}
 
 
 def _input_size(dls) -> int | None:
@@ -337,12 +478,10 @@ def export_learner(learn, path) -> Path:
     learn.remove_cbs(removed)
     model_format = torch.channels_last if any(isinstance(cb, ChannelsLast) for cb in removed) else None
     learn.model.to(memory_format=torch.contiguous_format)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        learn.export(tmp)
-        tmp.replace(path)  # a reader never finds half an export, even if the run is killed while writing
+        with atomic_path(path) as tmp:  # a reader never finds half an export, even if the run is killed while writing
+            learn.export(tmp)
     finally:
-        if tmp.exists(): tmp.unlink()
         learn.add_cbs(removed)
         if model_format is not None: learn.model.to(memory_format=model_format)
     return path

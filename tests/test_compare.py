@@ -1,6 +1,7 @@
 "The leaderboard: table logic on hand-made run folders, params and CPU timing on two real tiny runs, the command line."
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -48,8 +49,12 @@ def fake_runs(tmp_path):
     fake_run(root, "b-mid", 0.80, (0.75, 0.84), arch="cnn")
     fake_run(root, "a-best", 0.871, (0.8134, 0.9128), arch="tf_efficientnet_lite0", test=(0.85, (0.8, 0.9)), loc=loc)
     fake_run(root, "c-low", 0.60, (0.5, 0.7), arch="convnext_tiny")
-    fake_run(root, "d-running", status="running")
+    fake_run(root, "d-running", status="running")  # no heartbeat, no process: killed long ago
     fake_run(root, "e-failed", status="failed", error="RuntimeError: out of memory")
+    live = fake_run(root, "f-live", status="running")  # this very process, beating now
+    config = json.loads((live / "config.json").read_text())
+    (live / "config.json").write_text(json.dumps({**config, "process": {"host": socket.gethostname(), "pid": os.getpid()}}))
+    (live / "heartbeat").touch()
     return root
 
 
@@ -57,7 +62,9 @@ def test_collect_runs_skips_unfinished_runs_with_reasons(fake_runs, capsys):
     runs = collect_runs([fake_runs, fake_runs / "a-best"])  # a folder of runs, and a run again: no repeat
     assert sorted(r.name for r in runs) == ["a-best", "b-mid", "c-low"]
     err = capsys.readouterr().err
-    assert "d-running: status is 'running'" in err and "e-failed: the run failed (RuntimeError: out of memory)" in err
+    assert f"d-running: interrupted before the end; continue it with: python -m fracture_fastai.run --resume {fake_runs / 'd-running'}" in err
+    assert "e-failed: the run failed (RuntimeError: out of memory); continue it with" in err
+    assert "f-live: still running" in err
 
 
 def test_leaderboard_order_ci_and_blanks(fake_runs):

@@ -306,6 +306,18 @@ def test_an_empty_class_folder_is_reported(tmp_path):
     assert any("shoulder" in n and "no images" in n for n in table.notes)
 
 
+def test_a_class_without_validation_images_is_noted(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    for cls in ("elbow", "wrist"):
+        for i in range(4):
+            _png(tmp_path / cls / f"{cls}{i}.png")
+    table = load_table(tmp_path)
+    table.df.loc[table.df.label == "wrist", "split"] = "train"  # every wrist image in train
+    dls = radiograph_dataloaders(table, size=16, bs=2, device="cpu", cache=False)
+    assert list(dls.vocab) == ["elbow", "wrist"]
+    assert any("['wrist']" in n and "no validation images" in n for n in table.notes)
+
+
 def test_one_class_is_refused(tmp_path):
     from fracture_fastai.data import radiograph_dataloaders
     for i in range(4):

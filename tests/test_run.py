@@ -150,3 +150,84 @@ def test_check_writable_without_permission(tmp_path):
             check_writable(locked / "run", "--out", folder=True)
     finally:
         locked.chmod(0o700)
+
+
+RESUMABLE = ["--arch", "cnn", "--sample", "4", "--size", "48", "--epochs", "5", "--bs", "4", "--no-tta"]
+
+
+def _run_until_checkpoint(out, sig, args=RESUMABLE):
+    "Start a demo run, send `sig` once its first checkpoint exists; the finished process."
+    import signal
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fracture_fastai.run", *args, "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "models" / "checkpoint.pth"
+    while not checkpoint.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc.send_signal(getattr(signal, sig))
+    proc.stderr_text = proc.communicate()[1]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    res = _cli("fracture_fastai.run", *RESUMABLE, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_a_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+    "SIGKILL after an epoch, shown as interrupted with its resume command; --resume ends where an unbroken run ends."
+    out = tmp_path / "killed"
+    proc = _run_until_checkpoint(out, "SIGKILL")
+    assert proc.returncode == -9
+    assert json.loads((out / "config.json").read_text())["status"] == "running"  # what a hard kill leaves behind
+    report = _cli("fracture_fastai.compare", str(out), "--no-timing")
+    assert f"interrupted before the end; continue it with: python -m fracture_fastai.run --resume {out}" in report.stderr
+
+    res = _cli("fracture_fastai.run", "--resume", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stdout and res.stdout.strip().splitlines()[-1] == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "done" and len(config["resumed"]) == 1 and config["training"]["resumed_from"]["epochs_done"] >= 1
+    assert not (out / "models" / "checkpoint.pth").exists() and (out / "export.pkl").is_file()
+    history, whole = pd.read_csv(out / "history.csv"), pd.read_csv(uninterrupted / "history.csv")
+    assert list(history.epoch) == [0, 1, 2, 3, 4]  # appended, not restarted
+    # Model, optimiser, schedule position and random states all came back: the very numbers of the unbroken run.
+    cols = ["train_loss", "valid_loss", "accuracy"]
+    assert (history[cols] - whole[cols]).abs().max().max() < 1e-6
+    a, b = (json.loads((d / "metrics.json").read_text())["valid"] for d in (out, uninterrupted))
+    assert a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_ctrl_c_says_how_to_resume_and_a_finished_run_is_not_resumed(uninterrupted, tmp_path):
+    out = tmp_path / "stopped"
+    proc = _run_until_checkpoint(out, "SIGINT")
+    assert proc.returncode == 130 and f"--resume {out}" in proc.stderr_text and "Traceback" not in proc.stderr_text
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "interrupted" and config["resume"].endswith(f"--resume {out}")
+    assert "Continue it with" in (out / "report.html").read_text()
+    for args, message in [(["--resume", str(uninterrupted)], "finished already"),
+                          (["--resume", str(tmp_path / "nowhere")], "not a run folder"),
+                          (["--resume", str(out), "--epochs", "9"], "--resume takes no other options (given: --epochs)")]:
+        res = _cli("fracture_fastai.run", *args)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert json.loads((out / "config.json").read_text()) == config  # a refused resume touches nothing
+
+
+def test_a_run_killed_in_its_frozen_phase_resumes_there(tmp_path):
+    "A pretrained arch killed after its first head-only epoch goes on with the second, then the unfrozen ones."
+    args = ["--arch", "tf_efficientnet_lite0", "--sample", "4", "--size", "64", "--freeze-epochs", "2", "--epochs", "1",
+            "--bs", "4", "--no-tta"]
+    whole = tmp_path / "whole"
+    assert _cli("fracture_fastai.run", *args, "--out", str(whole)).returncode == 0
+    out = tmp_path / "killed"
+    assert _run_until_checkpoint(out, "SIGKILL", args).returncode == -9
+    res = _cli("fracture_fastai.run", "--resume", str(out))
+    assert res.returncode == 0 and "frozen phase, 1 of 2 epochs done" in res.stdout, res.stderr[-3000:]
+    a, b = pd.read_csv(out / "history.csv"), pd.read_csv(whole / "history.csv")
+    assert list(a.phase) == ["frozen", "frozen", "unfrozen"]
+    assert (a[["train_loss", "valid_loss"]] - b[["train_loss", "valid_loss"]]).abs().max().max() < 1e-6

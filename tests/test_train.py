@@ -6,7 +6,7 @@ import torch
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
 from fracture_fastai.train import (CPUBFloat16, ProgressiveResize, export_learner, fit_warm_restarts,
-                                   progressive_sizes, radiograph_learner, resolve_precision, train)
+                                   precision_of, progressive_sizes, radiograph_learner, resolve_precision, train)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,18 +18,20 @@ def demo_dls(demo_export):
 
 
 def test_learner_has_adamw_metrics_and_weighted_loss(demo_export):
-    dls = radiograph_dataloaders(load_table(demo_export), size=32, bs=8, device="cpu", balance="weights")
-    learn = radiograph_learner("cnn", dls, pretrained="none")
+    dls = radiograph_dataloaders(load_table(demo_export), size=32, bs=8, device="cpu")
+    learn = radiograph_learner("cnn", dls, pretrained="none", balance="weights")
     assert [m.name for m in learn.metrics] == ["accuracy", "f1_score"]
     assert learn.loss_func.func.weight is not None and learn.loss_func.func.weight.shape == (6,)
-    assert learn.precision == "fp32"  # auto on the CPU
-    plain = radiograph_learner("cnn", radiograph_dataloaders(load_table(demo_export), size=32, bs=8, device="cpu"))
+    assert precision_of(learn) == "fp32"  # auto on the CPU
+    plain = radiograph_learner("cnn", dls)
     assert plain.loss_func.func.weight is None
-    smooth = radiograph_learner("cnn", dls, label_smoothing=0.1)
+    smooth = radiograph_learner("cnn", dls, label_smoothing=0.1, balance="weights")
     assert type(smooth.loss_func.func).__name__ == "LabelSmoothingCrossEntropy" and smooth.loss_func.func.eps == 0.1
     assert smooth.loss_func.func.weight is not None  # class weights and smoothing combine
     with pytest.raises(UserError, match="label_smoothing"):
         radiograph_learner("cnn", dls, label_smoothing=1.5)
+    with pytest.raises(UserError, match="balance must be one of"):
+        radiograph_learner("cnn", dls, balance="wieghts")
 
 
 def test_warm_restarts_restart_the_learning_rate(demo_dls):
@@ -70,7 +72,7 @@ def test_train_writes_history_and_lr_find(demo_dls, tmp_path, schedule, capsys):
 
 def test_pretrained_learner_trains_frozen_then_unfrozen(demo_dls, tmp_path):
     learn = radiograph_learner("tf_efficientnet_lite0", demo_dls, pretrained="auto")
-    assert learn.weights_info.pretrained
+    assert learn.pretrained and learn.weights_info.pretrained
     summary = train(learn, epochs=1, freeze_epochs=1, lr=1e-3, out_dir=tmp_path, lr_find_iters=6)
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.phase) == ["frozen", "unfrozen"] and summary["lr"] == 1e-3
@@ -111,7 +113,7 @@ def test_bf16_on_the_cpu_trains_and_exports_in_fp32(demo_dls, tmp_path):
         def after_pred(self): self.seen = (torch.is_autocast_cpu_enabled(), self.pred.dtype)
 
     learn = radiograph_learner("cnn", demo_dls, precision="bf16", path=tmp_path)
-    assert learn.precision == "bf16" and any(isinstance(cb, CPUBFloat16) for cb in learn.cbs)
+    assert precision_of(learn) == "bf16" and any(isinstance(cb, CPUBFloat16) for cb in learn.cbs)
     spy = _Dtypes()
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=spy)
