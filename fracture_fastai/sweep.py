@@ -216,13 +216,22 @@ def _pruning_callback(trial):
 def run_point(plain: list, params: dict, folder: Path, sweep_dir: Path, trial=None) -> float:
     "One run of the sweep in `folder` (reused when it finished before); its validation accuracy."
     from .run import parse_args, run
+    cbs = [_pruning_callback(trial)] if trial is not None else []
     if folder.exists() and _status(folder) == "done" and (folder / "metrics.json").is_file():
         return _score(folder)  # finished before an interruption that came before Optuna heard of it
     if folder.exists() and any(folder.iterdir()):
-        _set_aside(folder, sweep_dir)
+        try:  # an interrupted run goes on from its last epoch's checkpoint (run --resume)
+            args = parse_args(["--resume", str(folder)])
+        except UserError as e:  # not resumable (failed, or from another version): it is kept aside and run again
+            print(f"{folder.name}: {e}", file=sys.stderr, flush=True)
+            _set_aside(folder, sweep_dir)
+        else:
+            print(f"--- {folder.name}: resuming", flush=True)
+            run(args, cbs=cbs)
+            return _score(folder)
     args = parse_args(_point_argv(plain, params, folder))
     print(f"--- {folder.name}: {' '.join(_point_argv(plain, params, folder))}", flush=True)
-    run(args, cbs=[_pruning_callback(trial)] if trial is not None else [])
+    run(args, cbs=cbs)
     return _score(folder)
 
 
