@@ -84,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
     e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     t = p.add_argument_group("tracking (extra 'track')")
-    t.add_argument("--track", choices=["none", "mlflow"], default="none",
-                   help="also log options, per-epoch and final metrics and the run folder's files to MLflow")
+    t.add_argument("--track", choices=["none", "mlflow", "tensorboard"], default="none",
+                   help="mlflow: also log options, per-epoch and final metrics and the run folder's files to MLflow; "
+                        "tensorboard: fastai's TensorBoard event files in the run folder's tensorboard/")
     t.add_argument("--track-uri", default=None, help="MLflow tracking URI, or a folder for a local store; default: ./mlruns")
     t.add_argument("--track-experiment", default="fracture_fastai", help="MLflow experiment the run goes to")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """A tracking store for runs (`run --track mlflow`): options, per-epoch metrics while training, final metrics and the
 run folder's files go to MLflow; the run folder stays the record, MLflow the index across machines and people.
+`--track tensorboard` writes fastai's TensorBoard event files into the run folder instead.
 
 The fastai callback is a training-only one: `run` takes it out before the export, so export.pkl never holds it.
 """
@@ -14,7 +15,7 @@ from .errors import UserError
 
 __all__ = ["TRACKERS", "epoch_metrics", "tracking_callbacks", "finish_tracking"]
 
-TRACKERS = ("none", "mlflow")
+TRACKERS = ("none", "mlflow", "tensorboard")
 DEFAULT_STORE = "mlruns"  # a local folder of the current directory
 
 
@@ -86,6 +87,13 @@ def tracking_callbacks(
         return []
     if track not in TRACKERS:
         raise UserError(f"--track must be one of {', '.join(TRACKERS)}; got {track!r}")
+    if track == "tensorboard":  # fastai's own callback, event files in the run folder's tensorboard/
+        try:
+            import tensorboard  # noqa: F401
+            from fastai.callback.tensorboard import TensorBoardCallback
+        except ImportError:
+            raise UserError("--track tensorboard needs TensorBoard: pip install 'fracture_fastai[track]'") from None
+        return [TensorBoardCallback(log_dir=str(Path(out) / "tensorboard"), trace_model=False, log_preds=False)]
     mlflow = _mlflow()
     from mlflow.tracking import MlflowClient
     uri, artifacts = _store(getattr(args, "track_uri", None))
@@ -109,6 +117,7 @@ def finish_tracking(
 ):
     "Log the final metrics (metrics.json) and the run folder's files, and close the tracking run."
     for cb in callbacks:
+        if "run_id" not in vars(cb): continue  # TensorBoard's callback has written and closed its files itself
         from mlflow.tracking import MlflowClient
         client, out = MlflowClient(cb.uri), Path(out)
         metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}

@@ -25,3 +25,17 @@ def test_a_tracked_run_is_readable_in_mlflow_and_its_export_is_clean(tmp_path, o
     assert {"config.json", "metrics.json", "predictions.csv", "model.safetensors", "export.pkl"} <= artifacts
     # The tracking callback was taken out before the export: nothing in export.pkl names it or MLflow.
     assert b"EpochMetrics" not in (out / "export.pkl").read_bytes() and b"mlflow" not in (out / "export.pkl").read_bytes()
+
+
+def test_tensorboard_writes_event_files_into_the_run_folder(tmp_path, one_torch_thread):
+    pytest.importorskip("tensorboard", reason="TensorBoard (extra 'track') not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fracture_fastai.run import parse_args, run
+    out = tmp_path / "run"
+    run(parse_args(["--arch", "cnn", "--size", "32", "--epochs", "2", "--lr", "1e-3", "--sample", "4", "--num-workers",
+                    "0", "--out", str(out), "--track", "tensorboard"]))
+    [events] = list((out / "tensorboard").glob("events.out.tfevents.*"))  # one fit (no head-only phase for cnn)
+    acc = EventAccumulator(str(events)).Reload()
+    assert len(acc.Scalars("valid_loss")) == 2 and len(acc.Scalars("accuracy")) == 2  # one per epoch
+    assert b"TensorBoard" not in (out / "export.pkl").read_bytes()
