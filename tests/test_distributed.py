@@ -1,4 +1,4 @@
-"Data-parallel training: two CPU processes under torchrun (gloo) write one complete run folder, from rank 0 only."
+"Data-parallel training: two CPU processes under torchrun or accelerate launch (gloo) write one complete run folder, from rank 0 only."
 import json
 import os
 import shutil
@@ -23,12 +23,22 @@ def test_single_process_is_a_no_op(tmp_path, monkeypatch):
     assert tmp_path.is_dir()
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed")
-def test_torchrun_two_cpu_processes_write_one_run_folder(tmp_path):
+BIN = os.path.dirname(sys.executable)
+LAUNCHERS = {  # two CPU processes each; accelerate takes --multi_gpu for its torch launcher, gloo on CPUs
+    "torchrun": ["torchrun", "--nproc_per_node", "2"],
+    "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_cpu_processes_write_one_run_folder(tmp_path, launcher):
+    if shutil.which(LAUNCHERS[launcher][0], path=BIN) is None:
+        pytest.skip(f"{LAUNCHERS[launcher][0]} not installed")
     out, scratch = tmp_path / "run", tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch), "HF_HUB_OFFLINE": "1"}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "-m", "fracture_fastai.run",
+    cmd = [os.path.join(BIN, LAUNCHERS[launcher][0]), *LAUNCHERS[launcher][1:], "-m", "fracture_fastai.run",
            "--arch", "cnn", "--size", "32", "--epochs", "1", "--lr", "1e-3", "--num-workers", "0", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
