@@ -16,7 +16,9 @@ lic = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
-extras = {key[len("extras_"):]: cfg[key].split() for key in cfg if key.startswith("extras_")}
+# Optional features: `<name>_requirements = ...` in settings.ini is the extra `<name>` ("_" written "-").
+extras = {key[:-len("_requirements")].replace("_", "-"): value.split() for key, value in cfg.items()
+          if key.endswith("_requirements") and key not in ("requirements", "dev_requirements")}
 readme = here / "README.md"
 
 setuptools.setup(

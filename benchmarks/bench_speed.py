@@ -1,6 +1,6 @@
 """Where the seconds of an experiment go, on the real export: the DataLoader alone, the model alone, a real training
-epoch, predict end to end against a plain forward, and every phase of a default run. Prints measured values and
-their ratios to the targets (overhead <= 0.10, predict_ratio <= 1.2); asserts nothing.
+epoch, predict end to end against a plain forward, the model on onnxruntime, and every phase of a default run.
+Prints measured values and their ratios to the targets (overhead <= 0.10, predict_ratio <= 1.2); asserts nothing.
 
     python benchmarks/bench_speed.py [--quick] [--json] [--arch tf_efficientnet_lite0] [-- extra run options]
 
@@ -137,6 +137,26 @@ def measure_predict(learn, files, bs: int = 16) -> dict:
             "raw_forward_img_s": raw_img_s, "predict_ratio": raw_img_s / predict_img_s}
 
 
+def measure_onnx(learn, files, bs: int = 16) -> dict:
+    "Images/s of the model as model.onnx on onnxruntime's CPU provider, the same threads and batches as the raw forward."
+    import torch
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {}  # the [onnx] extra is not installed: nothing to measure
+    from fracture_fastai.model_io import export_onnx, load_onnx, save_model
+    folder = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    save_model(learn, folder)
+    export_onnx(folder)
+    model = load_onnx(folder, threads=torch.get_num_threads())
+    # The batches as predict --backend onnx makes them (numpy/OpenCV), timed apart from the model as raw_forward is.
+    batches = [model.inputs(files[i:i + bs]) for i in range(0, len(files), bs)]
+    model.run(batches[0])  # warm-up
+    start = time.perf_counter()
+    for xb in batches: model.run(xb)
+    return {"onnx_img_s": len(files) / (time.perf_counter() - start)}
+
+
 def measure_phases(args, extra) -> dict:
     "A whole run with the command line's defaults (`--quick`: a sample), its phases from config.json."
     out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
@@ -190,6 +210,7 @@ def main(argv=None):
     res["overhead"] = res["model_img_s"] / res["train_img_s"] - 1  # time(train) / time(model alone) - 1
     files = list(dls.valid.items.file)[:100 if args.quick else 173]
     res.update(measure_predict(learn, files))
+    res.update(measure_onnx(learn, files))
     cache.clear()
     if not args.no_run: res.update(measure_phases(args, extra))
     res["targets"] = {k: {"target": t, "measured": res[k], "ratio": res[k] / t, "met": res[k] <= t} for k, t in TARGETS.items()}
@@ -200,7 +221,7 @@ def main(argv=None):
             ("pipeline_uncached_img_s", res["pipeline_uncached_img_s"]), ("model_img_s", res["model_img_s"]),
             ("train_img_s", res["train_img_s"]), ("overhead", res["overhead"]), ("predict_img_s", res["predict_img_s"]),
             ("predict_process_start_s", res["predict_process_start_s"]), ("raw_forward_img_s", res["raw_forward_img_s"]),
-            ("predict_ratio", res["predict_ratio"])]
+            ("predict_ratio", res["predict_ratio"])] + [("onnx_img_s (onnxruntime CPU)", res["onnx_img_s"])] * ("onnx_img_s" in res)
     print(f"{args.arch}, {args.size} px, bs {args.bs}, precision {res['precision']}, {res['threads']} threads")
     for name, value in rows:
         target = TARGETS.get(name)

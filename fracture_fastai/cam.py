@@ -20,7 +20,7 @@ from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import save_figure
 from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
-__all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "decode_images", "overlay", "gradcam_grid",
+__all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "explain_file", "decode_images", "overlay", "gradcam_grid",
            "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "main"]
 
 # The pointing game's slack, as a share of the input side (9 px at 224 px). A Grad-CAM map comes from a feature map
@@ -120,6 +120,19 @@ def gradcam(
     "Grad-CAM of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
     # Works on frozen bodies and leaves the model as found: training mode restored, requires_grad never changed.
     return _gradcam(learn, x, target)[0]
+
+
+def explain_file(
+    learn,  # a Learner from `model_io.load_any`
+    file,  # one radiograph: JPEG, PNG, DICOM, ...
+    target=None,  # None: the predicted class; else a class name or index
+) -> tuple:
+    "`(probs, cam, image)` of one radiograph file: class probabilities (numpy), its Grad-CAM map and the model's input image."
+    dl = _set_split(learn.dls.test_dl([str(file)], bs=1))
+    x = _after_batch(dl, dl.do_batch([dl.do_item(0)]))[0]
+    target = None if target is None else _class_index(learn, target, learn.dls.c)
+    cams, probs, _ = _gradcam(learn, x, target)
+    return probs[0].numpy(), cams[0].numpy(), decode_images(dl, x)[0]
 
 
 # ---------------------------------------------------------------- drawing
@@ -388,10 +401,12 @@ def score_localisation(
     dl=None,  # a validation or test DataLoader over a table with `file` and `polygons`; default `learn.dls.valid`
     bs: int = 16,  # images per Grad-CAM pass
     tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
+    target=None,  # the class whose map is scored (name or index); None: each image's predicted class
+    rows=None,  # indices of `dl.items` to score (e.g. the true positives); None: every annotated image
 ) -> dict:
-    "`localisation_scores` of the predicted class's Grad-CAM against each image's fracture polygons (through the Resize)."
+    "`localisation_scores` of the `target` class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
-    from PIL import Image
+    from .preprocess import image_size
     tolerance = _check_tolerance(tolerance)
     dl = learn.dls.valid if dl is None else dl
     items = getattr(dl, "items", None)
@@ -403,14 +418,15 @@ def score_localisation(
     resize = _find_resize(dl)
     size = (resize.size[1], resize.size[0])  # Resize keeps (w, h); polygon_to_input takes (h, w) like Resize's argument
     # Iterated by index, not by `dl`, so each map meets its own row whatever the sampler; unannotated rows cost nothing.
-    idxs = [i for i, polygons in enumerate(items.polygons) if _has_polygons(polygons)]
-    hits, masses, tolerance_px, skipped = [], [], None, len(items) - len(idxs)
+    candidates = range(len(items)) if rows is None else [int(i) for i in rows]
+    idxs = [i for i in candidates if _has_polygons(items.polygons.iloc[i])]
+    hits, masses, tolerance_px, skipped = [], [], None, len(candidates) - len(idxs)
     for start in range(0, len(idxs), bs):
         chunk = idxs[start:start + bs]
-        cams = _gradcam(learn, _batch(dl, chunk)[0])[0].numpy()
+        cams = _gradcam(learn, _batch(dl, chunk)[0], target)[0].numpy()
         for i, cam in zip(chunk, cams):
             row = items.iloc[i]
-            with Image.open(row.file) as img: orig_size = img.size  # the header alone: no pixels decoded
+            orig_size = image_size(row.file)  # the header alone, DICOM or not: no pixels decoded
             mask = polygon_mask(polygon_to_input(row.polygons, orig_size, size, str(resize.method)), size)
             if not mask.any():  # every polygon fell outside the input (a bad annotation): nothing to point at
                 skipped += 1
@@ -419,7 +435,8 @@ def score_localisation(
             hit, mass = _image_scores(cam, mask, tolerance_px)
             hits.append(hit)
             masses.append(mass)
-    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px), "target": "predicted"}
+    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px),
+            "target": "predicted" if target is None else str(target)}
 
 
 # ---------------------------------------------------------------- command line
@@ -468,8 +485,9 @@ def _readable_items(dl, idxs, files) -> tuple:
         try:
             items.append(dl.do_item(i))
             good.append(i)
-        except Exception:
-            print(f"skipped {files[i]}: cannot read image", file=sys.stderr)
+        except Exception as e:
+            from .predict import unreadable_reason
+            print(f"skipped {files[i]}: {unreadable_reason(e)}", file=sys.stderr)
     return items, good
 
 

@@ -48,6 +48,22 @@ COLUMNS = {
     "mass_inside": "mean share of Grad-CAM mass inside the fracture polygon",
     "mass_inside_low": "lower end of the 95 % interval of mass_inside",
     "mass_inside_high": "upper end of the 95 % interval of mass_inside",
+    "valid_auroc": "binary runs: area under the ROC curve on the validation set",
+    "valid_auroc_low": "lower end of the 95 % bootstrap interval of valid_auroc",
+    "valid_auroc_high": "upper end of the 95 % bootstrap interval of valid_auroc",
+    "test_auroc": "binary runs: area under the ROC curve on the test set",
+    "test_auroc_low": "lower end of the 95 % bootstrap interval of test_auroc",
+    "test_auroc_high": "upper end of the 95 % bootstrap interval of test_auroc",
+    "threshold": "binary runs: the decision threshold, chosen on the validation set by the operating point",
+    "operating_point": "binary runs: the rule that chose the threshold (youden, sens=0.90, spec=0.90)",
+    "test_sensitivity": "binary runs: sensitivity on the test set at the threshold (valid's is biased: chosen there)",
+    "test_sensitivity_low": "lower end of the 95 % Wilson interval of test_sensitivity",
+    "test_sensitivity_high": "upper end of the 95 % Wilson interval of test_sensitivity",
+    "test_specificity": "binary runs: specificity on the test set at the threshold",
+    "pointing_game_tp": "binary runs: pointing game of the positive class's Grad-CAM on the true positives "
+                        "(same split as pointing_game, which then covers all positives)",
+    "pointing_game_tp_low": "lower end of the 95 % Wilson interval of pointing_game_tp",
+    "pointing_game_tp_high": "upper end of the 95 % Wilson interval of pointing_game_tp",
     "params": "parameters of the saved model (count_params on model.json + model.safetensors, or export.pkl)",
     "cpu_ms_per_image": "CPU milliseconds per image: the saved model loaded on the CPU, one warm-up pass, then one timed "
                         "learn.get_preds over a single batch (image reading and preprocessing included), with torch's "
@@ -182,6 +198,22 @@ def _metrics_row(run: Path) -> dict:
     for key in ("pointing_game", "mass_inside"):
         row[key] = _num(loc, key)
         row[f"{key}_low"], row[f"{key}_high"] = _ci(loc, f"{key}_ci95")
+    row.update(_binary_row(metrics, loc_split))
+    return row
+
+
+def _binary_row(metrics: dict, loc_split: str) -> dict:
+    "The leaderboard's binary-test columns of a run (AUROC, sensitivity at the threshold, true-positive pointing game)."
+    valid, test = ((metrics.get(s) or {}).get("binary") or {} for s in ("valid", "test"))
+    tp_loc = (metrics.get(loc_split) or {}).get("localisation_tp") or {} if loc_split else {}
+    row = {"threshold": _num(valid, "threshold"), "operating_point": valid.get("operating_point") or "",
+           "test_sensitivity": _num(test, "sensitivity"), "test_specificity": _num(test, "specificity"),
+           "pointing_game_tp": _num(tp_loc, "pointing_game")}
+    row["test_sensitivity_low"], row["test_sensitivity_high"] = _ci(test, "sensitivity_ci95")
+    row["pointing_game_tp_low"], row["pointing_game_tp_high"] = _ci(tp_loc, "pointing_game_ci95")
+    for name, split in (("valid", valid), ("test", test)):
+        row[f"{name}_auroc"] = _num(split, "auroc")
+        row[f"{name}_auroc_low"], row[f"{name}_auroc_high"] = _ci(split, "auroc_ci95")
     return row
 
 
@@ -272,6 +304,8 @@ def leaderboard(
         raise UserError("no finished runs to compare; pass run folders whose config.json says status 'done'")
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df = df.sort_values(["valid_accuracy", "run"], ascending=[False, True], na_position="last").reset_index(drop=True)
+    if df.valid_auroc.notna().all():  # binary tests only: accuracy rewards calling everything negative, AUROC does not
+        df = df.sort_values(["valid_auroc", "run"], ascending=[False, True]).reset_index(drop=True)
     if timing:
         import torch
         df.attrs["torch_threads"] = torch.get_num_threads()
@@ -327,6 +361,19 @@ def _display_row(r) -> list:
             _fmt_float(r.cpu_ms_per_image, 1)]
 
 
+_BINARY_MD_COLUMNS = ["valid AUROC [95% CI]", "test AUROC [95% CI]", "test sensitivity @ threshold [95% CI]",
+                      "pointing game TP [95% CI]"]
+
+
+def _binary_display(r) -> list:
+    "A row's binary-test cells as the Markdown table shows them."
+    rule = f" ({r.threshold:.3f}, {r.operating_point})" if not _missing(r.threshold) and r.operating_point else ""
+    sens = _fmt_ci(r.test_sensitivity, r.test_sensitivity_low, r.test_sensitivity_high)
+    return [_fmt_ci(r.valid_auroc, r.valid_auroc_low, r.valid_auroc_high),
+            _fmt_ci(r.test_auroc, r.test_auroc_low, r.test_auroc_high), sens + rule if sens else "",
+            _fmt_ci(r.pointing_game_tp, r.pointing_game_tp_low, r.pointing_game_tp_high)]
+
+
 def _md_cell(v) -> str:
     # A '|' inside a cell would end it early; a newline would end the row.
     return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -344,9 +391,19 @@ def to_markdown(
     df: pd.DataFrame,  # a table from `leaderboard`
 ) -> str:
     "`df` as a Markdown table: accuracy and localisation with their 95 % CIs, blank cells where a run has no value."
-    right = {i for i, h in enumerate(_MD_COLUMNS) if h not in ("run", "arch", "weights")}
-    table = _markdown_table(_MD_COLUMNS, [_display_row(r) for r in df.itertuples(index=False)], right)
-    notes = ["Sorted by validation accuracy; intervals are 95 % (Wilson for accuracy)."]
+    header, rows = list(_MD_COLUMNS), [_display_row(r) for r in df.itertuples(index=False)]
+    binary = df.valid_auroc.notna().any()
+    if binary:  # binary runs: the numbers of a diagnostic test beside accuracy
+        header += _BINARY_MD_COLUMNS
+        rows = [row + _binary_display(r) for row, r in zip(rows, df.itertuples(index=False))]
+    right = {i for i, h in enumerate(header) if h not in ("run", "arch", "weights")}
+    table = _markdown_table(header, rows, right)
+    notes = [f"Sorted by validation {'AUROC' if df.valid_auroc.notna().all() else 'accuracy'}; intervals are 95 % "
+             f"(Wilson for accuracy{', sensitivity and pointing game; bootstrap for AUROC' if binary else ''})."]
+    if binary:
+        notes.append("Binary runs: sensitivity on the test set at the threshold chosen on the validation set (its rule "
+                     "in brackets); pointing game: the positive class's Grad-CAM on all positives, and on the true "
+                     "positives (TP).")
     if "torch_threads" in df.attrs:
         notes.append(f"CPU ms/img: the saved model on the CPU, one warm-up pass, then one timed get_preds over a batch "
                      f"(see cpu_timing_images in the CSV), {df.attrs['torch_threads']} torch thread(s).")

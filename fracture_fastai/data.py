@@ -1,295 +1,45 @@
 """Data sources -> one table (file, label, split, group, polygons) -> fastai DataLoaders.
 
-Every dataset quirk (Roboflow's augmented copies, YOLO class names, unlabelled images)
-is handled here; the rest of the package only sees the table.
+The readers of each source format (YOLO export, folder tree, CSV, FracAtlas) live in `fracture_fastai.sources`;
+here the table is checked image by image and turned into DataLoaders. The rest of the package only sees the table.
 """
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, UserError
+from .sources import (IMAGE_EXTS, REGIONS, SPLITS, DataTable, group_of, grouped_split, image_files, read_any, read_csv,
+                      read_fracatlas, read_folders, read_yolo, region_of, stratified_split)
 
-__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
-           "read_folders", "read_csv", "load_table", "image_problem", "drop_unreadable", "grouped_split", "sample_per_class", "class_weights", "save_batch",
+__all__ = ["DataError", "DataTable", "IMAGE_EXTS", "image_files", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
+           "read_folders", "read_csv", "read_fracatlas", "load_table", "image_problem", "drop_unreadable", "grouped_split",
+           "stratified_split", "sample_per_class", "class_weights", "save_batch",
            "radiograph_dataloaders", "BALANCE", "COPIES", "default_workers", "RadiographDL"]
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-SPLITS = ("train", "valid", "test")
-REGIONS = ("elbow", "fingers", "forearm", "humerus", "shoulder", "wrist")
 BALANCE = ("none", "oversample", "weights")
 COPIES = ("one", "all")  # per training epoch: one image of each source radiograph (group), or every image
-# Roboflow writes "valid", Ultralytics "val"; both mean the package's "valid".
-_SPLIT_ALIASES = {"train": "train", "val": "valid", "valid": "valid", "validation": "valid", "test": "test"}
-_YOLO_SLACK = 1e-3  # exporters round normalised coordinates: 1.0004 is still on the image
-# Words that qualify a YOLO class name without naming the body region.
-_FINDING_WORDS = {"positive", "negative", "fracture", "fractures", "fractured", "normal", "abnormal"}
-
-
-@dataclass
-class DataTable:
-    "The one table every source turns into, plus what was left out and why."
-    df: pd.DataFrame  # columns: file, label, split, group, polygons
-    skipped: Counter = field(default_factory=Counter)  # reason -> number of images left out
-    notes: list = field(default_factory=list)  # non-fatal remarks (e.g. a split named but missing)
-    source: str = ""  # which reader made it: yolo, folders, csv, demo
-
-    @property
-    def classes(self) -> list:
-        return sorted(self.df.label.unique())
-
-    def counts(self) -> dict:
-        "{split: {class: count}} in the package's split order."
-        out = {}
-        for split in SPLITS:
-            part = self.df[self.df.split == split]
-            if len(part):
-                out[split] = {k: int(v) for k, v in sorted(part.label.value_counts().items())}
-        return out
-
-    def summary(self) -> dict:
-        return {"splits": self.counts(), "skipped": dict(self.skipped)}
-
-
-def region_of(class_name: str) -> str:
-    "Body region named by a YOLO class name: 'elbow positive' -> 'elbow', 'humerus fracture' -> 'humerus'."
-    words = [w for w in re.split(r"[\s_\-]+", class_name.strip().lower()) if w and w not in _FINDING_WORDS]
-    if not words:
-        raise DataError(f"class name {class_name!r} names no body region; rename it in data.yaml")
-    return " ".join(words)
-
-
-def group_of(path) -> str:
-    "The source radiograph of an image: Roboflow's augmented copies share the name before '.rf.'."
-    name = Path(path).name
-    return name.split(".rf.")[0] if ".rf." in name else Path(name).stem
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
-
-
-def _check_dir(path) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data path {str(path)!r} does not exist; pass a YOLO export, a folder tree of classes or a CSV")
-    return path
-
-
-def _parse_yolo_label(text: str, bad: Counter | None = None):
-    "Class ids and fracture polygons (normalised (x, y) pairs) of one YOLO label file; boxes become 4-point polygons."
-    # Lines that cannot be a label (text, inf/nan, a negative class, a shape outside the image) are left out and
-    # counted in `bad` by reason, never scored: a broken annotation must not pass as a fracture outline.
-    bad = Counter() if bad is None else bad
-    ids, polygons = [], []
-    for line in text.splitlines():
-        tokens = line.split()
-        if not tokens:
-            continue
-        try:
-            values = [float(t) for t in tokens]
-        except ValueError:
-            bad["label line not numeric"] += 1
-            continue
-        if not all(math.isfinite(v) for v in values):
-            bad["label line with inf or nan"] += 1
-            continue
-        cls, coords = values[0], values[1:]
-        if cls < 0 or cls != int(cls):
-            bad["negative or fractional class id"] += 1
-            continue
-        if len(coords) == 4:  # box: cx cy w h
-            cx, cy, w, h = coords
-            poly = [(cx - w / 2, cy - h / 2), (cx + w / 2, cy - h / 2), (cx + w / 2, cy + h / 2), (cx - w / 2, cy + h / 2)]
-        elif len(coords) >= 6 and len(coords) % 2 == 0:
-            poly = list(zip(coords[0::2], coords[1::2]))
-        else:
-            bad["label line of the wrong length"] += 1
-            continue
-        if not all(-_YOLO_SLACK <= v <= 1 + _YOLO_SLACK for xy in poly for v in xy):
-            bad["label outside the image (coordinates beyond 0..1)"] += 1
-            continue
-        ids.append(int(cls))
-        polygons.append([[round(x, 6), round(y, 6)] for x, y in poly])
-    return ids, polygons
-
-
-def _yolo_names(cfg: dict) -> dict:
-    names = cfg.get("names")
-    if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
-    if isinstance(names, list):
-        return dict(enumerate(map(str, names)))
-    raise DataError("data.yaml has no 'names' list; add the class names in YOLO order")
-
-
-def read_yolo(path) -> DataTable:
-    "Table of a YOLO export (`data.yaml` + `{train,val|valid,test}/{images,labels}`), labelled by body region."
-    import yaml
-    path = _check_dir(path)
-    yaml_file = path if path.is_file() else path / "data.yaml"
-    if not yaml_file.exists():
-        raise DataError(f"no data.yaml in {str(path)!r}; a YOLO export needs one")
-    try:
-        cfg = yaml.safe_load(yaml_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{yaml_file} is not valid YAML ({e.__class__.__name__}); fix or re-export it") from None
-    if not isinstance(cfg, dict):
-        raise DataError(f"{yaml_file} holds a {type(cfg).__name__}, not a mapping of train/val/names; fix or re-export it")
-    names = _yolo_names(cfg)
-    root = yaml_file.parent
-    if cfg.get("path") and Path(str(cfg["path"])).is_absolute() and Path(str(cfg["path"])).is_dir():
-        root = Path(str(cfg["path"]))  # an export whose path: still points somewhere real
-    elif cfg.get("path") and not Path(str(cfg["path"])).is_absolute() and (root / str(cfg["path"])).is_dir():
-        root = root / str(cfg["path"])
-    rows, skipped, notes = [], Counter(), []
-    for key, split in _SPLIT_ALIASES.items():
-        if key not in cfg or not cfg[key]:
-            continue
-        images = _resolve_split_dir(root, yaml_file.parent, str(cfg[key]))
-        if images is None:
-            notes.append(f"split {key!r} named in data.yaml but {cfg[key]!r} is missing; left out")
-            continue
-        labels = images.parent / "labels" if images.name == "images" else images
-        for img in sorted(p for p in images.iterdir() if _is_image(p)):
-            label_file = labels / (img.stem + ".txt")
-            ids, polygons = _parse_yolo_label(label_file.read_text(), skipped) if label_file.exists() else ([], [])
-            if not ids:
-                skipped["unlabelled"] += 1
-                continue
-            try:
-                regions = {region_of(names[i]) for i in ids}
-            except KeyError:
-                skipped["unknown class id"] += 1
-                continue
-            if len(regions) > 1:
-                skipped["several regions"] += 1
-                continue
-            rows.append(dict(file=str(img), label=regions.pop(), split=split, group=group_of(img), polygons=polygons))
-    if not rows:
-        raise DataError(f"no labelled images found under {str(root)!r}; check data.yaml's train/val entries")
-    return DataTable(pd.DataFrame(rows), skipped, notes, source="yolo")
-
-
-def _resolve_split_dir(root: Path, yaml_dir: Path, entry: str):
-    "data.yaml's `train: ../train/images` style entries, tried against the yaml's folder when `path:` points nowhere."
-    # Roboflow writes '../train/images' relative to a folder one level down: try it without the '..' too.
-    inside = Path(*[p for p in Path(entry).parts if p not in ("..", ".")] or ["."])
-    candidates = [root / entry, yaml_dir / entry, yaml_dir / inside]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    return None
-
-
-def read_folders(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
-    "Table of an ImageNet-style tree `{train,valid,test}/<class>/` or of a flat `<class>/` tree split by group."
-    path = _check_dir(path)
-    subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
-    split_dirs = {_SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in _SPLIT_ALIASES}
-    rows, skipped, notes = [], Counter(), []
-    if "train" in split_dirs:
-        for split, folder in split_dirs.items():
-            rows += _class_rows(folder, split, skipped, notes)
-    else:
-        rows = _class_rows(path, "train", skipped, notes)
-    if not rows:
-        raise DataError(f"no images found in class folders under {str(path)!r}; expected <class>/<image> or train/<class>/<image>")
-    table = DataTable(pd.DataFrame(rows), skipped, notes, source="folders")
-    if "valid" not in split_dirs:
-        table.df = grouped_split(table.df, valid_pct, seed)
-    return table
-
-
-def _class_rows(folder: Path, split: str, skipped: Counter, notes: list) -> list:
-    rows = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file())
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
-        if not images:  # said, not dropped silently: a class that vanishes changes what the model can answer
-            notes.append(f"class folder {str(class_dir)!r} holds no images; class {class_dir.name!r} left out of {split}")
-        if len(files) > len(images):
-            skipped["not an image"] += len(files) - len(images)
-        rows += [dict(file=str(p), label=class_dir.name, split=split, group=group_of(p), polygons=[]) for p in images]
-    return rows
-
-
-def read_csv(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
-    "Table of a CSV with columns file, label[, split]; relative files are taken from the CSV's folder."
-    path = _check_dir(path)
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not a readable CSV ({e.__class__.__name__}); expected columns file,label[,split]") from None
-    missing = {"file", "label"} - set(df.columns)
-    if missing:
-        raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected columns file,label[,split]")
-    if df.empty:
-        raise DataError(f"{path} lists no images (a header only); add rows file,label[,split]")
-    skipped = Counter()
-    no_file = df.file.isna() | (df.file.astype(str).str.strip() == "")
-    no_label = ~no_file & (df.label.isna() | (df.label.astype(str).str.strip() == ""))
-    if no_file.any(): skipped["row without a file"] += int(no_file.sum())
-    if no_label.any(): skipped["empty label"] += int(no_label.sum())
-    df = df[~no_file & ~no_label].copy()
-    df["file"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in df.file.astype(str).str.strip()]
-    df["label"] = df.label.astype(str).str.strip()
-    labels_per_file = df.groupby("file").label.nunique()
-    if (labels_per_file > 1).any():
-        clash = labels_per_file[labels_per_file > 1].index[0]
-        raise DataError(f"{path} gives {int((labels_per_file > 1).sum())} file(s) two or more labels (e.g. {clash}: "
-                        f"{', '.join(sorted(df.label[df.file == clash].unique()))}); keep one label per file")
-    df = df.drop_duplicates(["file", "label"])
-    exists = df.file.map(lambda f: Path(f).is_file())
-    if (~exists).any(): skipped["missing file"] += int((~exists).sum())
-    df = df[exists]
-    if df.empty:
-        raise DataError(f"none of the files listed in {path} exist; paths are read relative to the CSV's folder")
-    if "split" in df.columns:
-        df["split"] = df.split.astype(str).str.lower().map(_SPLIT_ALIASES)
-        if df.split.isna().any():
-            raise DataError(f"{path} has split values other than {sorted(_SPLIT_ALIASES)}; fix the split column")
-    else:
-        df["split"] = "train"
-    df["group"] = df.file.map(group_of)
-    df["polygons"] = [[] for _ in range(len(df))]
-    df = df[["file", "label", "split", "group", "polygons"]].reset_index(drop=True)
-    if not (df.split == "valid").any():
-        df = grouped_split(df, valid_pct, seed)
-    return DataTable(df, skipped, source="csv")
-
-
-def grouped_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:
-    "Move about `valid_pct` of train's groups to 'valid', class by class, so no source radiograph is on both sides."
-    if not 0 < valid_pct < 1:
-        raise DataError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    df = df.copy()
-    rng = np.random.default_rng(seed)
-    train = df[df.split == "train"]
-    # A group is assigned by its most common label, so each class keeps roughly its share in valid.
-    group_label = train.groupby("group").label.agg(lambda s: s.value_counts().index[0])
-    valid_groups = []
-    for _, groups in sorted(group_label.groupby(group_label).groups.items()):
-        groups = sorted(groups)
-        n = int(round(len(groups) * valid_pct))
-        if len(groups) > 1:
-            n = min(max(n, 1), len(groups) - 1)
-        valid_groups += list(rng.choice(groups, size=n, replace=False)) if n else []
-    df.loc[(df.split == "train") & df.group.isin(valid_groups), "split"] = "valid"
-    return df
 
 
 def image_problem(path) -> str | None:
-    "None if the image at `path` decodes completely, else why not: 'unreadable image' or 'image too large'."
+    "None if the image at `path` decodes completely, else why not: 'unreadable image', 'image too large', or a DICOM's reason."
     import warnings
     from PIL import Image
+    from .dicom import is_dicom
+    if is_dicom(path):
+        from .preprocess import read_radiograph
+        try:
+            pixels, _ = read_radiograph(path, dicom=True)  # the reader training uses: what fails here would fail there
+            return None if pixels.ndim >= 2 and min(pixels.shape[:2]) > 0 else "unreadable image"
+        except DataError as e:  # its reason says what to do (e.g. which decoder to install), counted per reason
+            return "unreadable DICOM" if str(e).startswith("cannot read") else f"DICOM not decoded: {str(e).split(': ', 1)[-1]}"
+        except UserError:
+            raise  # pydicom itself is missing: every DICOM would fail, so say what to install
+        except Exception:
+            return "unreadable DICOM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89 Mpx: refused, as over 179 Mpx
@@ -342,8 +92,8 @@ def drop_unreadable(table: DataTable) -> DataTable:
 
 
 def load_table(path, valid_pct: float = 0.2, seed: int = 42) -> DataTable:
-    "Whatever `path` is (YOLO export, folder tree, CSV), its table of readable images. A missing valid split is carved."
-    table = drop_unreadable(_read_any(path, valid_pct, seed))
+    "Whatever `path` is (YOLO export, folder tree, CSV, FracAtlas), its table of readable images. A missing valid split is carved."
+    table = drop_unreadable(read_any(path, valid_pct, seed))
     _note_shared_groups(table)
     return table
 
@@ -356,27 +106,6 @@ def _note_shared_groups(table: DataTable):
         if shared:
             table.notes.append(f"{len(shared)} of {len(groups[split])} {split} radiographs share a source name with "
                                f"train images (as the dataset ships); {split} accuracy may be optimistic")
-
-
-def _read_any(path, valid_pct: float, seed: int) -> DataTable:
-    path = _check_dir(path)
-    if path.is_file():
-        if path.suffix.lower() in (".yaml", ".yml"):
-            table = read_yolo(path)
-        elif path.suffix.lower() == ".csv":
-            return read_csv(path, valid_pct, seed)
-        else:
-            raise DataError(f"{str(path)!r} is a file but neither a CSV nor a data.yaml; pass a dataset folder")
-    elif (path / "data.yaml").exists():
-        table = read_yolo(path)
-    elif not any(path.iterdir()):
-        raise DataError(f"data folder {str(path)!r} is empty; put class folders or a YOLO export in it")
-    else:
-        return read_folders(path, valid_pct, seed)
-    if not (table.df.split == "valid").any():
-        table.df = grouped_split(table.df, valid_pct, seed)
-        table.notes.append(f"no validation split: {valid_pct:.0%} of train's radiographs held out, grouped by source")
-    return table
 
 
 def sample_per_class(df: pd.DataFrame, n: int, seed: int = 42) -> pd.DataFrame:
@@ -477,7 +206,7 @@ def radiograph_dataloaders(
     device=None,  # None: fastai's default (CUDA when available)
     copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
     cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
-    **preprocess,  # clahe_clip, clahe_grid, median, denoise for RadiographPreprocess
+    **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window for the RadiographLoader
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, Normalize,

@@ -1,4 +1,5 @@
-"""The built-in demo dataset: synthetic radiograph-like images of six body regions, written as a YOLO export.
+"""The built-in demo datasets: synthetic radiograph-like images of six body regions, written as a YOLO export, and
+a tiny fracture-or-not set in FracAtlas's layout (`make_fracatlas_demo`).
 
 It lets every command run anywhere, offline, in minutes. It is synthetic: results on it say
 nothing about real radiographs.
@@ -11,9 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import REGIONS
+from .sources import REGIONS
+from .sources.fracatlas import CSV_COLUMNS
 
-__all__ = ["demo_dir", "make_demo"]
+__all__ = ["demo_dir", "make_demo", "make_fracatlas_demo"]
 
 _DEMO_VERSION = 1
 
@@ -104,4 +106,41 @@ def make_demo(dest=None, n_train: int = 40, n_valid: int = 10, n_test: int = 10,
         "# fracture_fastai demo: SYNTHETIC radiograph-like images, not real data\n"
         f"train: train/images\nval: valid/images\ntest: test/images\nnc: {len(REGIONS)}\nnames: [{names}]\n")
     tmp.rename(dest)  # appears whole or not at all, so an interrupted run never leaves half a dataset
+    return dest
+
+
+def make_fracatlas_demo(
+    dest,  # the folder to write (must not hold a dataset.csv yet)
+    n_fractured: int = 6,  # fractured images, half hand and half leg
+    n_normal: int = 18,  # normal images, half hand and half leg
+    size=(40, 32),  # (w, h) of each image
+    seed: int = 0,
+) -> Path:
+    """A tiny SYNTHETIC fracture-or-not set in FracAtlas's layout: dataset.csv (its real columns), images/{Fractured,
+    Non_fractured}/*.jpg, Annotations/YOLO/*.txt; a fractured image has a bright patch where its box says."""
+    dest = Path(dest)
+    if (dest / "dataset.csv").exists():
+        raise FileExistsError(f"{dest} already holds a dataset.csv")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for folder, n in (("Fractured", n_fractured), ("Non_fractured", n_normal)):
+        (dest / "images" / folder).mkdir(parents=True, exist_ok=True)
+        (dest / "Annotations" / "YOLO").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image_id, part = f"IMG{len(rows):07d}.jpg", ("hand", "leg")[i % 2]
+            pixels = rng.integers(40, 90, size[::-1]).astype(np.uint8)
+            box = ""
+            if folder == "Fractured":
+                cx, cy, bw, bh = 0.25 + 0.5 * rng.random(), 0.25 + 0.5 * rng.random(), 0.3, 0.3
+                x0, y0 = int((cx - bw / 2) * size[0]), int((cy - bh / 2) * size[1])
+                pixels[y0:y0 + int(bh * size[1]), x0:x0 + int(bw * size[0])] = 230
+                box = f"0 {cx:.4f} {cy:.4f} {bw:.4f} {bh:.4f}\n"
+            cv2.imwrite(str(dest / "images" / folder / image_id), pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            (dest / "Annotations" / "YOLO" / image_id.replace(".jpg", ".txt")).write_text(box)
+            tags = {"image_id": image_id, "hand": int(part == "hand"), "leg": int(part == "leg"),
+                    "hardware": int(i % 3 == 0), "fractured": int(folder == "Fractured"),
+                    "fracture_count": int(folder == "Fractured"), "frontal": 1}
+            rows.append([tags.get(c, 0) for c in CSV_COLUMNS])
+    (dest / "dataset.csv").write_text("\n".join([",".join(CSV_COLUMNS)] + [",".join(map(str, r)) for r in rows]) + "\n")
+    (dest / "README.txt").write_text("fracture_fastai demo: SYNTHETIC images in FracAtlas's layout, not real data\n")
     return dest

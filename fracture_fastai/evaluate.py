@@ -193,8 +193,12 @@ def evaluate_learner(
     learn,  # a trained fastai Learner for single-label classification
     dl=None,  # a labelled DataLoader (e.g. `learn.dls.test_dl(items, with_labels=True)`); None: the validation set
     tta="none",  # test-time augmentation: 'flip' (image and mirror, 2 passes), 'aug' (fastai's `learn.tta`, 5), 'none'
+    positive: str | None = None,  # two classes: the positive one; None: found from its name (`binary.positive_class`)
+    threshold: float | None = None,  # two classes: the decision threshold; None: chosen on `dl` by `operating_point`
+    operating_point: str = "youden",  # two classes: 'youden', 'sens=0.90' or 'spec=0.90'
 ) -> tuple:
-    "`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta`, and the class probabilities."
+    """`(metrics, probs, targets)`: `classification_metrics` plus `loss` and `tta` (and, for two classes, `binary`: the
+    metrics of a binary test from `binary.evaluate_binary`), and the class probabilities."""
     tta = {True: "aug", False: "none", None: "none"}.get(tta, tta)
     if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     dl = _labelled_dl(learn, dl)
@@ -206,6 +210,12 @@ def evaluate_learner(
         probs, targets = predict_probs(learn, dl, tta)
     metrics = classification_metrics(targets, probs.argmax(dim=1), learn.dls.vocab)
     metrics.update(loss=loss, tta=tta)
+    if len(learn.dls.vocab) == 2:  # a binary test: the numbers a reader of a diagnostic test looks for
+        from .binary import SUBGROUP_COLUMNS, evaluate_binary
+        items = getattr(dl, "items", None)
+        columns = [c for c in SUBGROUP_COLUMNS if hasattr(items, "columns") and c in items.columns]
+        metrics["binary"] = evaluate_binary(targets, probs, learn.dls.vocab, positive, threshold, operating_point,
+                                            subgroups={c: items[c].to_numpy() for c in columns})
     return metrics, probs, targets
 
 
@@ -308,19 +318,18 @@ def plot_curves(
         ax.grid(alpha=0.3)
     return _save(path)
 def prediction_table(
-    learn,  # a trained fastai Learner for single-label classification
-    dl=None,  # a labelled DataLoader whose items are a table with a `file` column; None: the validation set
+    files,  # the images, in the order of `probs`
+    probs,  # class probabilities, one row per image (e.g. from `evaluate_learner`)
+    targets,  # actual class indices
+    classes,  # class names in index order (`learn.dls.vocab`)
     split: str = "valid",  # what the `split` column says
-    tta: str = "none",  # as in `evaluate_learner`, so the predictions are the ones its metrics counted
 ):
-    "One row per image of `dl`: file, split, label, predicted and one `prob_<class>` column per class, in `dl`'s order."
+    """One row per image: file, split, label, predicted (the most probable class, as `accuracy` counts it) and one
+    `prob_<class>` column per class."""
     import pandas as pd
-    dl = _labelled_dl(learn, dl)
-    _, probs, targets = evaluate_learner(learn, dl, tta=tta)
-    vocab = [str(c) for c in learn.dls.vocab]
-    items = dl.items
-    files = items["file"].astype(str).tolist() if isinstance(items, pd.DataFrame) else [str(f) for f in items]
-    table = pd.DataFrame({"file": files, "split": split, "label": [vocab[int(t)] for t in targets],
+    vocab = [str(c) for c in classes]
+    table = pd.DataFrame({"file": [str(f) for f in files], "split": split,
+                          "label": [vocab[int(t)] for t in targets],
                           "predicted": [vocab[int(i)] for i in probs.argmax(dim=1)]})
     for i, c in enumerate(vocab):
         table[f"prob_{c}"] = probs[:, i].float().numpy()
@@ -328,16 +337,19 @@ def prediction_table(
 
 
 def write_predictions(
-    learn,  # a trained fastai Learner; its DataLoaders' validation set, and `dls[2]` when that is a labelled test set
+    learn,  # the trained Learner: its validation DataLoader and, as `dls[2]`, its labelled test one
     path,  # CSV to write (e.g. run_dir / 'predictions.csv')
-    tta: str = "none",  # as the run's metrics used it
+    outputs: dict,  # {'valid': (probs, targets)[, 'test': (...)]} as `evaluate_learner` returned them for those splits
 ) -> Path:
-    "Per-image predictions of the validation (and test) set as one CSV, written atomically: what paired comparisons of runs read."
+    "Per-image predictions of the evaluated splits as one CSV, written atomically: what paired comparisons of runs read."
     import pandas as pd
-    parts = [prediction_table(learn, learn.dls.valid, "valid", tta)]
-    if len(learn.dls.loaders) > 2:
-        parts.append(prediction_table(learn, learn.dls[2], "test", tta))
     from .files import atomic_path
+    dls = {"valid": learn.dls.valid, "test": learn.dls[2] if len(learn.dls.loaders) > 2 else None}
+    parts = []
+    for split, (probs, targets) in outputs.items():
+        items = dls[split].items
+        files = items["file"].tolist() if isinstance(items, pd.DataFrame) else list(items)
+        parts.append(prediction_table(files, probs, targets, learn.dls.vocab, split))
     with atomic_path(path) as tmp:  # a reader never sees half a file
         pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
     return Path(path)

@@ -1,4 +1,5 @@
-"""`python -m fracture_fastai.predict EXPORT.pkl PATH...`: class and probability of each image from an exported Learner.
+"""`python -m fracture_fastai.predict MODEL PATH...`: class and probability of each image from an exported Learner,
+or with `--backend onnx` from the run's model.onnx on onnxruntime (no torch or fastai import on that path).
 
 Unreadable images are reported and skipped; the others are still predicted, in batches.
 """
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import IMAGE_EXTS
+from .data import IMAGE_EXTS, image_files
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import atomic_path
 
-__all__ = ["load_export", "find_images", "predict_files", "main"]
+__all__ = ["load_export", "find_images", "predict_files", "predict_files_onnx", "main"]
 
 _MAKE_EXPORT = "make one with python -m fracture_fastai.run"
 
@@ -83,7 +84,7 @@ def find_images(
     files, missing = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            files += image_files(p)  # hidden files (macOS's ._* twins) and broken links left out
         elif p.is_file():
             files.append(p)  # named explicitly: tried whatever its extension
         else:
@@ -97,16 +98,21 @@ def _probs(learn, files, bs: int, tta: str = "none"):
     return predict_probs(learn, learn.dls.test_dl(files, bs=bs), tta)[0]
 
 
+def unreadable_reason(error: Exception) -> str:
+    "What to say of a file that would not load: the error itself where it says what to install (a DICOM decoder), else 'cannot read image'."
+    return str(error) if isinstance(error, UserError) and "pip install" in str(error) else "cannot read image"
+
+
 def _readable(learn, files) -> tuple:
-    "`(good, bad)`: the files that the export's item pipeline (reading + item transforms) loads, and those it doesn't."
+    "`(good, bad)`: the files that the export's item pipeline (reading + item transforms) loads, and `(file, reason)` of those it doesn't."
     dl = learn.dls.test_dl(files)
     good, bad = [], []
     for i, f in enumerate(files):
         try:
             dl.do_item(i)
             good.append(f)
-        except Exception:
-            bad.append(f)
+        except Exception as e:
+            bad.append((f, unreadable_reason(e)))
     return good, bad
 
 
@@ -116,8 +122,12 @@ def predict_files(
     bs: int = 16,  # batch size
     tta: str = "none",  # test-time augmentation: 'none', 'flip' (image and mirror) or 'aug' (fastai's tta)
     chunk: int = 256,  # images per batched pass; a pass that hits a bad image is redone without it
+    decision: dict | None = None,  # a binary model's rule {'positive': class, 'threshold': t}: class is then the call
 ) -> tuple:
-    "`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped."
+    """`(table, failures)`: file, class, probability and one probability column per class; `[(file, reason)]` skipped.
+
+    With a `decision`, class is the positive class where its probability reaches the threshold, and probability is
+    the positive class's probability; without, the most probable class and its probability."""
     import torch
     classes = [str(c) for c in learn.dls.vocab]
     files = [str(f) for f in files]  # str matches both folder- and table-built pipelines
@@ -131,19 +141,53 @@ def predict_files(
             part, bad = _readable(learn, part)
             if not bad:
                 raise  # every image reads: the failure is not the data's
-            failures += [(f, "cannot read image") for f in bad]
+            failures += bad
             if not part:
                 continue
             p = _probs(learn, part, bs, tta)
         done += part
         probs.append(p)
     probs = torch.cat(probs).float() if probs else torch.zeros(0, len(classes))
-    best = probs.argmax(dim=1)
-    table = pd.DataFrame({"file": done, "class": [classes[i] for i in best.tolist()],
-                          "probability": probs.max(dim=1).values.numpy()})
+    return _table(done, probs.numpy(), classes, decision), failures
+
+
+def _table(files, probs, classes, decision: dict | None = None) -> pd.DataFrame:
+    "file, class, probability and one probability column per class, from an N x classes array (see `predict_files`)."
+    if decision is not None:
+        pos = classes.index(decision["positive"])
+        table = pd.DataFrame({"file": list(files), "probability": probs[:, pos]})
+        table.insert(1, "class", [classes[pos] if p >= decision["threshold"] else classes[1 - pos] for p in probs[:, pos]])
+    else:
+        best = probs.argmax(axis=1)
+        table = pd.DataFrame({"file": list(files), "class": [classes[i] for i in best.tolist()],
+                              "probability": probs.max(axis=1) if len(probs) else probs[:, 0]})
     for i, c in enumerate(classes):
-        table[c] = probs[:, i].numpy()
-    return table, failures
+        table[c] = probs[:, i]
+    return table
+
+
+def predict_files_onnx(
+    model,  # a `model_io.OnnxModel` (from `model_io.load_onnx`)
+    files,  # image paths
+    bs: int = 16,  # images per onnxruntime call
+    decision: dict | None = None,  # a binary model's rule, as for `predict_files`
+) -> tuple:
+    "`(table, failures)` as `predict_files` gives them, from the ONNX model: numpy/OpenCV preprocessing, no torch."
+    import numpy as np
+    from .preprocess import normalise, radiograph_pixels
+    meta = model.meta
+    pre, size = {"dicom_window": "first", **meta["preprocess"]}, tuple(meta["size"])
+    done, grays, failures = [], [], []
+    for f in map(str, files):
+        try:
+            grays.append(radiograph_pixels(f, size, **pre))
+            done.append(f)
+        except Exception as e:
+            failures.append((f, unreadable_reason(e)))
+    probs = [model.run(normalise(np.stack(grays[i:i + bs]), meta["stats"]["mean"], meta["stats"]["std"]))
+             for i in range(0, len(grays), bs)]
+    probs = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(model.classes)), np.float32)
+    return _table(done, probs, model.classes, decision), failures
 
 
 def add_export_and_images(p: argparse.ArgumentParser):
@@ -167,6 +211,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means) or aug "
                         "(fastai's tta, 5 passes)")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="binary models: call the positive class from this probability on, instead of the threshold "
+                        "saved with the model (chosen on its validation split); probability is then the positive class's")
+    p.add_argument("--backend", choices=["fastai", "onnx"], default="fastai",
+                   help="fastai (default), or onnx: the run's model.onnx (python -m fracture_fastai.export RUN --onnx) "
+                        "on onnxruntime, without torch")
     return p
 
 
@@ -177,19 +227,46 @@ def main(argv=None) -> int:
     return _predict_command(args)
 
 
+def _decision(args, classes) -> dict | None:
+    "The binary decision rule to apply: the one saved with the model, its threshold replaced by --threshold if given."
+    from .model_io import read_decision
+    decision = read_decision(args.export) if len(classes) == 2 else None
+    if args.threshold is not None:
+        if len(classes) != 2:
+            raise UserError(f"--threshold is for binary models; this one has {len(classes)} classes ({', '.join(classes)})")
+        if decision is None:  # an export without its model.json: the positive class by name, as the run found it
+            from .binary import positive_class
+            decision = {"positive": positive_class(classes)}
+        decision = {**decision, "threshold": args.threshold, "source": "--threshold"}
+    if decision is not None:
+        print(f"binary model: probability of {decision['positive']!r}, called {decision['positive']!r} from "
+              f"{decision['threshold']:.4f} on ({decision.get('source', 'the threshold saved with the model')})",
+              file=sys.stderr)
+    return decision
+
+
 def _predict_command(args) -> int:
     "Predict the images of parsed `args`, print or write the table, report failures; the exit code."
     if args.bs < 1:
         raise UserError(f"--bs must be at least 1; got {args.bs}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
     files, missing = find_images(args.paths)
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=sys.stderr)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
-    from .model_io import load_any
-    learn = load_any(args.export)
-    table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta)
+    if args.backend == "onnx":
+        if args.tta != "none": raise UserError("--tta runs through fastai; leave it out with --backend onnx")
+        from .model_io import load_onnx
+        model = load_onnx(args.export)
+        table, failures = predict_files_onnx(model, files, bs=args.bs, decision=_decision(args, model.classes))
+    else:
+        from .model_io import load_any
+        learn = load_any(args.export)
+        decision = _decision(args, [str(c) for c in learn.dls.vocab])
+        table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta, decision=decision)
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     if csv is not None:

@@ -16,8 +16,9 @@ __all__ = ["render_report", "write_report", "main"]
 
 # Captions of the plots the runner writes; any other PNG in the folder is shown under its file name.
 _CAPTIONS = {"lr_find.png": "Learning-rate finder", "curves.png": "Loss and accuracy per epoch",
-             "confusion_matrix.png": "Confusion matrix (validation)", "top_losses.png": "Top losses (validation)",
-             "gradcam.png": "Grad-CAM"}
+             "confusion_matrix.png": "Confusion matrix (validation)", "roc.png": "ROC curve, operating point circled",
+             "pr.png": "Precision-recall curve", "calibration.png": "Reliability diagram (calibration)",
+             "top_losses.png": "Top losses (validation)", "gradcam.png": "Grad-CAM"}
 
 # Inline so the file stays one piece; no JavaScript, no fonts or images fetched from anywhere.
 _CSS = """
@@ -188,8 +189,34 @@ def _split_section(name: str, m: dict) -> str:
     cm, classes = m.get("confusion_matrix"), m.get("classes") or list(per_class)
     if cm and classes and len(cm) == len(classes):
         parts += ["<h4>Confusion matrix</h4>", _confusion_table(cm, [str(c) for c in classes])]
+    if isinstance(m.get("binary"), dict):
+        parts.append(_binary_section(m["binary"]))
     if isinstance(m.get("localisation"), dict) and m["localisation"]:
         parts += ["<h4>Localisation (Grad-CAM)</h4>", _localisation_table(m["localisation"])]
+    if isinstance(m.get("localisation_tp"), dict) and m["localisation_tp"]:
+        parts += ["<h4>Localisation on the true positives (Grad-CAM)</h4>", _localisation_table(m["localisation_tp"])]
+    return "\n".join(parts)
+
+
+def _binary_section(b: dict) -> str:
+    "A binary test's numbers: AUROC, the rates at the operating threshold with their CIs, calibration, subgroups."
+    pos, neg = b.get("positive"), b.get("negative")
+    rows = [["AUROC", _with_ci(b.get("auroc"), b.get("auroc_ci95"))],
+            ["average precision", _with_ci(b.get("average_precision"), None)],
+            ["threshold", f"{_fmt(b.get('threshold'))} ({b.get('operating_point') or b.get('threshold_source') or ''})"]]
+    rows += [[name, _with_ci(b.get(key), b.get(f"{key}_ci95"))] for key, name in
+             (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"))]
+    rows += [["accuracy", f"{_with_ci(b.get('accuracy'), b.get('accuracy_ci95'))} (calling every image {neg}: "
+                          f"{_fmt(_round(b.get('baseline_accuracy')))})"],
+             ["Brier score", _fmt(_round(b.get("brier"), 4))], [f"ECE ({b.get('ece_bins')} bins)", _fmt(_round(b.get("ece"), 4))],
+             ["TP / FP / TN / FN", f"{b.get('tp')} / {b.get('fp')} / {b.get('tn')} / {b.get('fn')}"]]
+    parts = [f"<h4>Binary test: {_e(pos)} (positive) vs {_e(neg)}</h4>", _table(["score", "value"], rows)]
+    for column, groups in (b.get("subgroups") or {}).items():
+        sub = [[value, g.get("n"), g.get("n_positive"), _with_ci(g.get("auroc"), None),
+                _with_ci(g.get("sensitivity"), g.get("sensitivity_ci95")), _with_ci(g.get("specificity"), g.get("specificity_ci95"))]
+               for value, g in groups.items()]
+        parts += [f"<h4>By {_e(column.replace('_', ' '))}</h4>",
+                  _table([column.replace("_", " "), "images", pos, "AUROC", "sensitivity", "specificity"], sub)]
     return "\n".join(parts)
 
 
@@ -218,19 +245,49 @@ def _history_section(run: Path) -> str:
     return "<h2>Training history</h2>\n" + _table(list(h.columns), rows)
 
 
-def _figures_section(run: Path) -> str:
-    "Every PNG of the run folder, embedded as base64 so the report can travel without the folder."
+def _figure(png: Path) -> str:
+    "One PNG embedded as base64, with its caption, so the report can travel without the folder."
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    caption = _CAPTIONS.get(png.name, png.name)
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
+            f"<figcaption>{_e(caption)} ({_e(png.name)})</figcaption></figure>")
+
+
+def _figures_section(run: Path, shown=()) -> str:
+    "Every PNG of the run folder not `shown` already (in the verdict), embedded."
     known = list(_CAPTIONS)  # the runner's plots in the order a run makes them, then any others by name
-    pngs = sorted(run.glob("*.png"), key=lambda p: (known.index(p.name) if p.name in known else len(known), p.name))
+    pngs = sorted((p for p in run.glob("*.png") if p.name not in shown),
+                  key=lambda p: (known.index(p.name) if p.name in known else len(known), p.name))
     if not pngs:
         return ""
-    parts = ["<h2>Figures</h2>"]
-    for png in pngs:
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        caption = _CAPTIONS.get(png.name, png.name)
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
-                     f"<figcaption>{_e(caption)} ({_e(png.name)})</figcaption></figure>")
-    return "\n".join(parts)
+    return "\n".join(["<h2>Figures</h2>"] + [_figure(png) for png in pngs])
+
+
+def _verdict_section(run: Path, metrics: dict) -> tuple:
+    """`(html, names of the PNGs it shows)`: the headline numbers of the held-out split (test, else validation) with
+    their CIs, its ROC curve (binary) or confusion matrix, and the heat maps; what a reader wants before the options."""
+    split = next((s for s in ("test", "valid") if isinstance(metrics.get(s), dict)), None)
+    if split is None:
+        return "", ()
+    m, b = metrics[split], metrics[split].get("binary")
+    if isinstance(b, dict):
+        rows = {"AUROC": _with_ci(b.get("auroc"), b.get("auroc_ci95")),
+                f"sensitivity at threshold {_fmt(b.get('threshold'))}": _with_ci(b.get("sensitivity"), b.get("sensitivity_ci95")),
+                "specificity": _with_ci(b.get("specificity"), b.get("specificity_ci95")),
+                "accuracy": f"{_with_ci(b.get('accuracy'), b.get('accuracy_ci95'))} (calling every image "
+                            f"{b.get('negative')}: {_fmt(_round(b.get('baseline_accuracy')))})"}
+    else:
+        rows = {"accuracy": _with_ci(m.get("accuracy"), m.get("accuracy_ci95")), "macro-F1": _with_ci(m.get("macro_f1"), None)}
+    for key in ("localisation_tp", "localisation"):
+        loc = m.get(key)
+        if isinstance(loc, dict) and loc.get("pointing_game") is not None:
+            rows[f"pointing game ({loc.get('images', 'annotated images')})"] = _with_ci(loc["pointing_game"], loc.get("pointing_game_ci95"))
+    shown = [name for name in ("roc.png" if isinstance(b, dict) else "confusion_matrix.png", "gradcam.png")
+             if (run / name).is_file()]
+    name = {"test": "test", "valid": "validation"}[split]
+    parts = ["<h2>Verdict</h2>", f'<p class="muted">{name} split, {_e(m.get("n"))} images; details, configuration '
+             "and history below</p>", _kv_table(rows)] + [_figure(run / png) for png in shown]
+    return "\n".join(parts), tuple(shown)
 
 
 def render_report(
@@ -243,8 +300,9 @@ def render_report(
     config = _read_json(run / "config.json", required=True)
     metrics = _read_json(run / "metrics.json")
     arch = config.get("options", {}).get("arch", "unknown arch")
-    body = [_header(run, config), _config_section(config), _metrics_section(metrics), _history_section(run),
-            _figures_section(run)]
+    verdict, shown = _verdict_section(run, metrics)  # the headline first; options and history last
+    body = [_header(run, config), verdict, _metrics_section(metrics), _figures_section(run, shown),
+            _config_section(config), _history_section(run)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(arch)} - {_e(run.name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(p for p in body if p) + "\n</body>\n</html>\n")

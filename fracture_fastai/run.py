@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train, evaluate, interpret and export one model; everything goes to a new run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet18", metavar="ARCH", help=f"architecture, one of: {', '.join(archs)}")
-    p.add_argument("--data", default=None, help="YOLO export, folder tree of classes or CSV; default: the built-in synthetic demo")
+    p.add_argument("--data", default=None, help="YOLO export, folder tree of classes, CSV or FracAtlas folder; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last epoch's checkpoint, with the options it started with")
@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
     d.add_argument("--no-clahe", action="store_true", help="skip CLAHE and the median filter")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
+    d.add_argument("--dicom-window", default="first", metavar="WHICH",
+                   help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
+                        "window), or the index of another window")
     d.add_argument("--sample", type=int, default=None, metavar="N", help="at most N images per class per split (quick runs)")
     d.add_argument("--valid-pct", type=float, default=0.2, help="share held out when the data has no validation split")
     d.add_argument("--copies", choices=["one", "all"], default="one",
@@ -83,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--tta", choices=["flip", "aug", "none"], default="none",
                    help="test-time augmentation in the metrics: image + mirror (2 passes), fastai's tta (5), or none")
     e.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
+    e.add_argument("--positive", default=None, metavar="CLASS",
+                   help="two classes: the positive one (the finding); default: fractured/fracture/positive/abnormal "
+                        "where a class has that name, else the last class")
+    e.add_argument("--operating-point", default="youden", metavar="RULE",
+                   help="two classes: how the decision threshold is chosen on the validation split: youden (max "
+                        "sensitivity + specificity - 1), sens=0.90 or spec=0.90")
     t = p.add_argument_group("tracking (extra 'track')")
     t.add_argument("--track", choices=["none", "mlflow", "tensorboard"], default="none",
                    help="mlflow: also log options, per-epoch and final metrics and the run folder's files to MLflow; "
@@ -99,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .models import get_arch
     args.arch = get_arch(args.arch).name  # one rule for names everywhere: case-insensitive (ArchError if unknown)
     _check_options(args)
+    from .dicom import check_window
+    args.dicom_window = check_window(args.dicom_window)  # a bad value fails here, before the data is read
     return args
 
 
@@ -119,6 +130,8 @@ def _check_options(args):
     need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
     need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
+    from .binary import parse_operating_point
+    parse_operating_point(args.operating_point)  # a UserError naming the allowed rules
     if args.out is not None and getattr(args, "resume", None) is None:
         check_writable(args.out, "--out", folder=True)
         if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
@@ -201,7 +214,7 @@ class Phases(dict):
 def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resume: dict | None = None, cbs=()):
     import pandas as pd
 
-    from .cam import gradcam_grid, score_localisation
+    from .cam import gradcam_grid
     from .evaluate import evaluate_learner, interpretation_plots, plot_curves, write_predictions
     from .report import write_report
     from .model_io import save_model
@@ -228,29 +241,42 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]
+    binary = {"positive": args.positive, "operating_point": args.operating_point} if len(dls.vocab) == 2 else {}
     with phases("evaluate"):
-        metrics = {"valid": evaluate_learner(learn, tta=args.tta)[0]}
+        metrics = {"valid": evaluate_learner(learn, tta=args.tta, **binary)}
+        if binary:  # the threshold is chosen on the validation split, then applied unchanged to the test split
+            binary = {"positive": args.positive, "threshold": metrics["valid"][0]["binary"]["threshold"]}
         if len(dls.loaders) > 2:
-            metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta)[0]  # dls[2]: the labelled test split
+            metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta, **binary)  # dls[2]: the labelled test split
+        outputs = {split: m[1:] for split, m in metrics.items()}  # split -> (probs, targets)
+        metrics = {split: m[0] for split, m in metrics.items()}
         metrics["tta"] = args.tta
-        write_predictions(learn, out / "predictions.csv", tta=args.tta)  # per image, for paired comparisons of runs
-    # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports).
+        write_predictions(learn, out / "predictions.csv", outputs)  # per image, for paired comparisons of runs
+    # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports, FracAtlas).
     with phases("localisation"):
         for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
             if dl is not None and split in metrics:
-                scores = score_localisation(learn, dl)
-                if scores["n"]:
-                    metrics[split]["localisation"] = scores
+                metrics[split].update(_localisation(learn, dl, binary, *outputs[split]))
     write_json(metrics, out / "metrics.json")
     with phases("plots"):
         plot_curves(history, out / "curves.png")
         interpretation_plots(learn, out)
+        if binary:
+            from .binary import binary_plots
+            pos = list(dls.vocab).index(binary["positive"])
+            binary_plots({split: ((t == pos).long(), p[:, pos]) for split, (p, t) in outputs.items()},
+                         binary["threshold"], out, positive=binary["positive"])
     with phases("gradcam"):
         gradcam_grid(learn, out / "gradcam.png")
     learn.remove_cbs(cbs)  # training-only callbacks (a sweep's pruning) stay out of the export
+    if binary:  # the decision rule of a binary model: which class is the finding, from which probability on
+        decision = {"positive": binary["positive"], "threshold": binary["threshold"],
+                    "operating_point": args.operating_point, "chosen_on": "valid"}
+        config["decision"] = decision
     with phases("export"):
         export_learner(learn, out / "export.pkl")  # fastai's pickle, for fastai users
-        save_model(learn, out, versions=config["versions"])  # model.safetensors + model.json: loads without running code
+        # model.safetensors + model.json: loads without running code; a binary model's threshold travels in it
+        save_model(learn, out, versions=config["versions"], **({"decision": decision} if binary else {}))
     with phases("report"):
         config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                       finished=datetime.now().isoformat(timespec="seconds"), phases=phases)
@@ -261,6 +287,25 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     write_json(config, out / "config.json")
     (out / learn.model_dir / CHECKPOINT).unlink(missing_ok=True)  # done: the export and best.pth are what is kept
     return learn, metrics
+
+
+def _localisation(learn, dl, binary: dict, probs, targets) -> dict:
+    """Localisation scores of one split: the predicted class's map on every annotated image; for a binary model the
+    positive class's map on all positives (`localisation`) and on the true positives (`localisation_tp`)."""
+    import numpy as np
+    from .cam import score_localisation
+    if not binary:
+        scores = score_localisation(learn, dl)
+        return {"localisation": scores} if scores["n"] else {}
+    pos = list(learn.dls.vocab).index(binary["positive"])
+    positives = (targets == pos).numpy()
+    called = (probs[:, pos] >= binary["threshold"]).numpy()
+    out = {}
+    for key, rows, name in (("localisation", positives, "all positives"),
+                            ("localisation_tp", positives & called, "true positives")):
+        scores = score_localisation(learn, dl, target=binary["positive"], rows=np.flatnonzero(rows))
+        if scores["n"]: out[key] = {**scores, "images": name}
+    return out
 
 
 def run(
@@ -288,7 +333,13 @@ def run(
         size = args.size or (DEMO_SIZE if demo else SIZE)
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
-                                     stats=arch_stats(args.arch), copies=args.copies, cache=args.cache)
+                                     stats=arch_stats(args.arch), copies=args.copies, cache=args.cache,
+                                     dicom_window=args.dicom_window)
+    if len(dls.vocab) == 2:  # checked here, after the data and before any training: a typo costs seconds
+        from .binary import positive_class
+        args.positive = positive_class(dls.vocab, args.positive)
+    elif args.positive is not None:
+        raise UserError(f"--positive is for two classes; this data has {len(dls.vocab)}: {', '.join(map(str, dls.vocab))}")
     train = dls.train
     data = {"path": str(args.data) if args.data else "demo", "synthetic_demo": demo, "source": table.source,
             **table.summary(), "notes": table.notes, "classes": list(dls.vocab), "images_per_epoch": train.n,
@@ -333,6 +384,8 @@ def run(
         if isinstance(m, dict):
             lo, hi = m["accuracy_ci95"]
             print(f"{split}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), macro-F1 {m['macro_f1']:.3f}, n={m['n']}")
+            if "binary" in m:
+                print(f"{split}: {_binary_line(m['binary'])}")
     return out
 
 
@@ -348,6 +401,16 @@ def _resumed_config(out: Path, data: dict) -> dict:
     config.setdefault("resumed", []).append(datetime.now().isoformat(timespec="seconds"))
     config.pop("error", None)
     return config
+
+
+def _binary_line(b: dict) -> str:
+    "AUROC [CI], sensitivity and specificity at the threshold, accuracy beside the all-negative baseline, in one line."
+    def ci(key):
+        v, c = b.get(key), b.get(f"{key}_ci95")
+        return "n/a" if v is None else f"{v:.3f}" + (f" ({c[0]:.3f}-{c[1]:.3f})" if c else "")
+    return (f"{b['positive']}: AUROC {ci('auroc')}, at threshold {b['threshold']:.3f} sensitivity {ci('sensitivity')}, "
+            f"specificity {ci('specificity')}; accuracy {b['accuracy']:.3f} vs {b['baseline_accuracy']:.3f} calling "
+            f"every image {b['negative']}")
 
 
 @cli_errors

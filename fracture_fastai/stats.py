@@ -147,12 +147,11 @@ def _predictions(run, split: str) -> pd.DataFrame:
 
 
 def _auroc(labels, scores) -> float:
-    "AUROC as the Mann-Whitney U statistic / (positives x negatives) (scipy); NaN when one class is absent."
-    from scipy.stats import mannwhitneyu
-    pos, neg = scores[labels], scores[~labels]
-    if not len(pos) or not len(neg):
+    "scikit-learn's AUROC of `scores` for the boolean `labels`; NaN when one class is absent."
+    from sklearn.metrics import roc_auc_score
+    if labels.all() or not labels.any():
         return math.nan
-    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+    return float(roc_auc_score(labels, scores))
 
 
 def _pair_runs(runs_a, runs_b) -> list:

@@ -1,8 +1,7 @@
 """Radiograph preprocessing (grayscale, 16->8-bit windowing, denoise, median, CLAHE) as fastai Transforms,
-and the item / batch augmentation presets that the DataBlock uses."""
+and the item / batch augmentation presets that the DataBlock uses. The arithmetic itself lives in preprocess.py."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import cv2
@@ -12,102 +11,15 @@ import torch
 from fastai.torch_core import TensorImage
 from fastai.vision.core import PILImage, imagenet_stats
 from fasttransform import DisplayedTransform
-from PIL import Image
 
-from .errors import DataError, UserError
+from .dicom import check_window, is_dicom
+from .errors import UserError
+# Re-exported: these were defined here before preprocess.py held the torch-free arithmetic.
+from .preprocess import (DENOISE, _check_params, _open_radiograph, _pil_to_array, _preprocess_gray,  # noqa: F401
+                         _to_gray, _window_to_uint8, pad_resize, preprocess_radiograph, read_radiograph)
 
 __all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographLoader", "find_loader",
            "radiograph_item_tfms", "radiograph_aug_transforms"]
-
-DENOISE = (None, "gaussian", "bilateral")
-# Small on purpose: a fracture line is one to a few pixels wide at 224-512 px, and a larger blur erases it.
-_GAUSSIAN_KSIZE, _GAUSSIAN_SIGMA = (5, 5), 1.0
-# Bilateral smooths differences of ~sigma_color grey levels (sensor noise) but keeps steeper steps (cortex edges,
-# fracture lines), which is why it is offered beside the Gaussian.
-_BILATERAL_D, _BILATERAL_SIGMA_COLOR, _BILATERAL_SIGMA_SPACE = 5, 30.0, 3.0
-_SHAPES = "HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA)"
-# Pillow modes that numpy reads directly as intensities; the others (P, 1, LA, PA, CMYK, YCbCr, ...) are converted.
-_ARRAY_MODES = {"L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "RGB", "RGBA"}
-
-
-def _is_int(x) -> bool: return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check_params(clahe_clip, clahe_grid, median, denoise) -> tuple:
-    "Validated `(clahe_clip, clahe_grid, median, denoise)` as (float, int, int, str|None); `UserError` otherwise."
-    if isinstance(clahe_clip, bool) or not isinstance(clahe_clip, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(clahe_clip) or clahe_clip < 0:
-        raise UserError(f"clahe_clip must be a number >= 0 (0 turns CLAHE off, 2.0 is usual), got {clahe_clip!r}")
-    if not _is_int(clahe_grid) or clahe_grid < 1:
-        raise UserError(f"clahe_grid must be an int >= 1 (tiles per side, 8 is usual), got {clahe_grid!r}")
-    if not _is_int(median) or median < 0 or (median > 1 and median % 2 == 0):
-        raise UserError(f"median must be 0 or 1 (off) or an odd int >= 3 (kernel size), got {median!r}")
-    if denoise not in DENOISE:
-        raise UserError(f"denoise must be one of None, 'gaussian', 'bilateral', got {denoise!r}")
-    return float(clahe_clip), int(clahe_grid), int(median), denoise
-
-
-def _to_gray(arr: np.ndarray) -> np.ndarray:
-    "HxW gray from an HxW / HxWx1 / RGB / RGBA array, keeping its dtype class (uint8 stays uint8, the rest float32)."
-    if arr.size == 0: raise DataError(f"radiograph is empty (shape {arr.shape}); expected a non-empty {_SHAPES} array")
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"radiograph must hold integers or floats, got dtype {arr.dtype}")
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
-        raise DataError(f"radiograph must be {_SHAPES}, got shape {arr.shape}")
-    # uint16 is exact in float32; cv2 takes neither big-endian (Pillow's I;16B) nor int32/int64/bool arrays.
-    if arr.dtype != np.uint8: arr = arr.astype(np.float32)
-    if arr.ndim == 2: return arr
-    if arr.shape[2] == 1: return arr[..., 0]
-    return cv2.cvtColor(np.ascontiguousarray(arr[..., :3]), cv2.COLOR_RGB2GRAY)  # alpha dropped
-
-
-def _window_to_uint8(gray: np.ndarray) -> np.ndarray:
-    "Min-max window a non-uint8 gray image onto 0..255."
-    # Min-max, not percentile clipping: it clips nothing and keeps the order of every intensity. The brightest
-    # values are cortical bone and hardware, where fractures show, and CLAHE afterwards restores the local contrast
-    # that a few outlier pixels cost the global window.
-    if gray.dtype == np.uint8: return gray  # already an 8-bit display image: re-windowing would change what was exported
-    finite = np.isfinite(gray)
-    if not finite.any(): return np.zeros(gray.shape, np.uint8)
-    lo, hi = float(gray[finite].min()), float(gray[finite].max())
-    if hi <= lo: return np.zeros(gray.shape, np.uint8)  # a constant image holds no contrast to window
-    scaled = (np.where(finite, gray, lo) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def preprocess_radiograph(
-    arr: np.ndarray,  # HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA); uint8, uint16, other ints or float
-    clahe_clip: float = 2.0,  # CLAHE clip limit; 0 turns CLAHE off
-    clahe_grid: int = 8,  # CLAHE tiles per side
-    median: int = 3,  # median filter kernel size; 0 or 1 turns it off, else odd >= 3
-    denoise: str | None = None,  # None, 'gaussian' or 'bilateral', applied before the median filter
-) -> np.ndarray:  # uint8 HxWx3, the gray image in all three channels
-    "Grayscale, window to 8 bits, denoise, median-filter and CLAHE a radiograph; gray replicated to RGB for ImageNet models."
-    return _gray_to_rgb(_preprocess_gray(arr, clahe_clip, clahe_grid, median, denoise))
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray: return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-
-
-def _preprocess_gray(arr, clahe_clip=2.0, clahe_grid=8, median=3, denoise=None) -> np.ndarray:
-    "`preprocess_radiograph` before the gray image is copied into three channels: uint8 HxW."
-    clahe_clip, clahe_grid, median, denoise = _check_params(clahe_clip, clahe_grid, median, denoise)
-    gray = _window_to_uint8(_to_gray(np.asarray(arr)))
-    # Noise removal comes before CLAHE because CLAHE amplifies whatever local contrast it finds, noise included.
-    if denoise == "gaussian": gray = cv2.GaussianBlur(gray, _GAUSSIAN_KSIZE, _GAUSSIAN_SIGMA)
-    elif denoise == "bilateral":
-        gray = cv2.bilateralFilter(gray, _BILATERAL_D, _BILATERAL_SIGMA_COLOR, _BILATERAL_SIGMA_SPACE)
-    if median > 1: gray = cv2.medianBlur(gray, median)
-    # The CLAHE object is made per call: it is cheap, and cv2 objects neither pickle nor share safely across workers.
-    if clahe_clip > 0: gray = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_grid, clahe_grid)).apply(gray)
-    return gray
-
-
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    "A Pillow image of any mode as an array that `preprocess_radiograph` accepts."
-    if img.mode not in _ARRAY_MODES: img = img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
-    return np.asarray(img)
-
 
 class RadiographPreprocess(DisplayedTransform):
     "Item transform: `preprocess_radiograph` on a `PILImage` of any mode (8/16-bit gray, RGB, RGBA, palette), giving an RGB `PILImage`."
@@ -134,17 +46,6 @@ class RadiographImage(PILImage):
     _open_args = {'mode': None}
 
 
-def _open_radiograph(source) -> Image.Image:
-    "A radiograph file (path or bytes) decoded in its own mode; a colour JPEG straight to its luma channel."
-    import io
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    # The JPEG decoder's own luma (Y) is what RGB -> gray recomputes, less its rounding: identical on gray radiographs
-    # (checked on 100 of the YOLO export's), and twice as fast to decode, with no colour conversion after.
-    if img.format == "JPEG" and img.mode in ("RGB", "YCbCr"): img.draft("L", img.size)
-    img.load()
-    return img
-
-
 class RadiographLoader(DisplayedTransform):
     "Type transform: a radiograph file -> the preprocessed, zero-padded `size` image (uint8 `TensorImage`), as the item transforms give it at validation."
     # fastai's presizing split: everything deterministic (decode, windowing, median, CLAHE, pad-resize) happens here,
@@ -158,9 +59,11 @@ class RadiographLoader(DisplayedTransform):
         median: int = 3,  # median filter kernel size; 0 or 1 turns it off, else odd >= 3
         denoise: str | None = None,  # None, 'gaussian' or 'bilateral'
         cache=None,  # a `cache.PreprocessCache`, or None to compute every time
+        dicom_window: str | int = "first",  # DICOM files: the 'first' VOI LUT / window, the 'full' range, or an index
     ):
         super().__init__()
         self.preprocess, self.resize = radiograph_item_tfms(size, True, clahe_clip, clahe_grid, median, denoise)
+        self.dicom_window = check_window(dicom_window)
         self.cache = cache
 
     @property
@@ -170,16 +73,17 @@ class RadiographLoader(DisplayedTransform):
         pre, rs = self.preprocess, self.resize
         return (f"radiograph-v1 size={tuple(rs.size)} method={rs.method} pad={rs.pad_mode} clip={pre.clahe_clip} "
                 f"grid={pre.clahe_grid} median={pre.median} denoise={pre.denoise} cv2={cv2.__version__} "
-                f"pillow={PIL.__version__}")
+                f"pillow={PIL.__version__}" + ("" if self.dicom_window == "first" else f" dicom_window={self.dicom_window}"))
 
-    def _gray(self, source) -> np.ndarray:
+    def _gray(self, source, dicom: bool | None = None) -> np.ndarray:
         "The preprocessed, resized radiograph as one uint8 HxW channel."
         pre = self.preprocess
-        gray = _preprocess_gray(_pil_to_array(_open_radiograph(source)), pre.clahe_clip, pre.clahe_grid,
-                                pre.median, pre.denoise)
+        pixels, value_range = read_radiograph(source, self.dicom_window, dicom)
+        gray = _preprocess_gray(pixels, pre.clahe_clip, pre.clahe_grid, pre.median, pre.denoise, value_range)
         # Resized as one gray channel: the same pixels as the RGB copy that RadiographPreprocess gives, a third of
-        # the work. split_idx=1: the Resize places the image as at validation (centred), the deterministic choice.
-        return np.array(self.resize(PILImage(Image.fromarray(gray)), split_idx=1))  # a writable copy, for torch
+        # the work. pad_resize is `self.resize` at validation (centred), the deterministic choice, without a PIL
+        # round trip through fastai, and the very function the ONNX backend calls (tests check both agree).
+        return np.array(pad_resize(gray, tuple(self.resize.size[::-1])))  # a writable copy, for torch
 
     def encodes(self, fn) -> TensorImage:
         if self.cache is None: gray = self._gray(fn)
@@ -188,7 +92,7 @@ class RadiographLoader(DisplayedTransform):
             key = self.cache.key(data, self.signature)
             gray = self.cache.get(key)
             if gray is None:
-                gray = self._gray(data)
+                gray = self._gray(data, is_dicom(fn))  # decided on the path: a DICOM without preamble has no mark
                 self.cache.put(key, gray)
         # Straight to the uint8 CHW tensor that ToTensor would make of the RGB image: no PIL round trip.
         return TensorImage(torch.from_numpy(gray).unsqueeze(0).repeat(3, 1, 1))
@@ -200,6 +104,7 @@ class RadiographLoader(DisplayedTransform):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache = None
+        self.__dict__.setdefault("dicom_window", "first")  # exports made before DICOM support
 
 
 def find_loader(dl) -> RadiographLoader | None:

@@ -123,6 +123,88 @@ display(Show(filename=str(paths[-1]), width=600))'''),
     if (run_dir / "gradcam.png").exists():
         print(run_dir.name); display(Show(filename=str(run_dir / "gradcam.png"), width=900))'''),
     ],
+    "03_fracture.ipynb": [
+        ("md", "# 03 · Is there a fracture?\nThe second task on FracAtlas: fractured or normal, scored as a diagnostic "
+               "test (AUROC, sensitivity and specificity at a threshold chosen on the validation split, calibration), "
+               "and where the model looks on its true and false positives."),
+        ("code", '''import os
+from pathlib import Path
+
+# The test suite runs every notebook top to bottom with FRACTURE_FASTAI_SMOKE=1: tiny samples, one epoch.
+SMOKE = os.environ.get("FRACTURE_FASTAI_SMOKE") == "1"
+RUNS = Path(os.environ.get("FRACTURE_FASTAI_RUNS", "runs"))  # where this notebook's runs go
+SHARED = Path("../../shared/data/fracatlas")                 # FracAtlas, read in place
+DATA = SHARED
+if not SHARED.exists():  # a tiny SYNTHETIC set in FracAtlas's layout, so the notebook runs anywhere
+    from fracture_fastai.demo import make_fracatlas_demo
+    DATA = RUNS / "fracatlas-demo"
+    if not (DATA / "dataset.csv").exists():
+        make_fracatlas_demo(DATA, n_fractured=12, n_normal=24)
+print("data:", DATA if DATA == SHARED else f"SYNTHETIC FracAtlas-shaped demo in {DATA}", "| smoke run" if SMOKE else "")'''),
+        ("md", "## The data\nFracAtlas has no official split and no patient ids: the package splits it 70/15/15, seeded, "
+               "stratified by label and body part, with byte-identical images kept on one side."),
+        ("code", '''from fracture_fastai.data import load_table
+from fracture_fastai.dataset import format_summary
+
+table = load_table(DATA)
+print(format_summary(table))
+table.df.groupby(["body_part", "label"]).size().unstack(fill_value=0)'''),
+        ("md", "## One run\nThe same runner as for body regions: with two classes it adds the binary metrics, "
+               "`roc.png`, `pr.png` and `calibration.png`, and saves the threshold with the model."),
+        ("code", '''from fracture_fastai.run import parse_args, run
+
+ARCH = "cnn" if SMOKE else "tf_efficientnet_lite0"
+out = RUNS / ("nb-03-" + ARCH + ("-smoke" if SMOKE else ""))
+argv = ["--data", str(DATA), "--arch", ARCH, "--operating-point", "spec=0.90", "--out", str(out)]
+argv += ["--sample", "8", "--size", "32", "--epochs", "1", "--bs", "8", "--no-tta"] if SMOKE else ["--size", "224", "--balance", "oversample"]
+import shutil; shutil.rmtree(out, ignore_errors=True)  # this notebook's own folder only; runs/ keeps the rest
+run_dir = run(parse_args(argv))
+run_dir'''),
+        ("md", "## The numbers of a diagnostic test\nSensitivity, specificity, PPV and NPV at the threshold chosen on "
+               "the validation split (for 90 % specificity here) and applied unchanged to the test split; accuracy "
+               "beside what calling every image normal would score."),
+        ("code", '''import json
+import pandas as pd
+metrics = json.loads((run_dir / "metrics.json").read_text())
+keys = ["n", "n_positive", "auroc", "auroc_ci95", "average_precision", "threshold", "sensitivity", "sensitivity_ci95",
+        "specificity", "specificity_ci95", "ppv", "npv", "accuracy", "baseline_accuracy", "brier", "ece"]
+pd.DataFrame({split: {k: metrics[split]["binary"].get(k) for k in keys} for split in ("valid", "test") if split in metrics})'''),
+        ("code", '''split = "test" if "test" in metrics else "valid"
+for column, groups in metrics[split]["binary"].get("subgroups", {}).items():
+    display(pd.DataFrame(groups).T[["n", "n_positive", "auroc", "sensitivity", "specificity"]].rename_axis(column))'''),
+        ("md", "## ROC, precision-recall, calibration"),
+        ("code", '''from IPython.display import Image as Show, display
+for name in ("roc.png", "pr.png", "calibration.png"):
+    if (run_dir / name).exists():
+        display(Show(filename=str(run_dir / name), width=420))'''),
+        ("md", "## Where it looks: true and false positives\nGrad-CAM of `fractured` on the most confident true "
+               "positives and false positives of the validation split, called at the threshold saved with the model."),
+        ("code", '''import matplotlib.pyplot as plt
+from fracture_fastai import load_model
+from fracture_fastai.cam import decode_images, gradcam
+from fracture_fastai.model_io import read_decision
+from fracture_fastai.predict import predict_files
+
+learn, decision = load_model(run_dir), read_decision(run_dir)
+valid = table.df[table.df.split == "valid"]
+valid = valid.groupby("label").head(32) if SMOKE else valid
+preds, _ = predict_files(learn, valid.file.tolist(), decision=decision)
+preds["label"] = valid.label.to_numpy()
+called = preds[preds["class"] == decision["positive"]]
+picks = pd.concat([called[called.label == decision["positive"]].nlargest(4, "probability").assign(kind="true positive"),
+                   called[called.label != decision["positive"]].nlargest(4, "probability").assign(kind="false positive")])
+if len(picks):
+    dl = learn.dls.test_dl(picks.file.tolist())
+    x = dl.one_batch()[0]
+    cams, images = gradcam(learn, x, target=decision["positive"]), decode_images(dl, x)
+    fig, axs = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 3), squeeze=False)
+    for ax, image, cam, row in zip(axs[0], images, cams, picks.itertuples()):
+        ax.imshow(image, cmap="gray"); ax.imshow(cam, cmap="jet", alpha=0.45); ax.axis("off")
+        ax.set_title(f"{row.kind}\\np = {row.probability:.2f}", fontsize=8)
+    plt.show()
+else:
+    print("no image of this sample is called", decision["positive"])'''),
+    ],
 }
 
 

@@ -38,3 +38,53 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+FRACATLAS = SHARED_DATA / "fracatlas"
+
+
+@pytest.fixture(scope="session")
+def fracatlas_real() -> Path:
+    "The shared FracAtlas folder, read in place."
+    if not (FRACATLAS / "dataset.csv").exists():
+        pytest.skip(f"real data absent: {FRACATLAS} not found (it sits beside the project root as ../shared/data)")
+    return FRACATLAS
+
+
+@pytest.fixture(scope="session")
+def fracatlas_maker():
+    "`(root, n_fractured, n_normal, ...)` -> a tiny FracAtlas-shaped folder written there (`demo.make_fracatlas_demo`)."
+    from fracture_fastai.demo import make_fracatlas_demo
+    return make_fracatlas_demo
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    "(run folder, test images): a cnn run (1 epoch, 32 px) on generated 8/16-bit PNGs and JPEGs, exported to ONNX by the CLIs."
+    import subprocess
+    import sys
+    import numpy as np
+    from PIL import Image
+    root = tmp_path_factory.mktemp("tiny_run")
+    rng = np.random.default_rng(0)
+
+    def images(folder, n, bright):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = [(40, 64), (64, 40), (50, 50), (33, 71)][i % 4]
+            a = rng.normal(0.5, 0.2, (h, w))
+            a[h // 4:h // 2, w // 3:w // 2] += 0.4 * bright
+            a = a.clip(0, 1)
+            if i % 3 == 0: Image.fromarray((a * 65535).astype(np.uint16)).save(folder / f"img_{i}.png")
+            else: Image.fromarray((a * 255).astype(np.uint8)).save(folder / f"img_{i}.{'png' if i % 3 == 1 else 'jpg'}")
+        return sorted(folder.iterdir())
+
+    for label, bright in (("a", 0), ("b", 1)): images(root / "data" / label, 6, bright)
+    out, repo = root / "run", Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    for cmd in (["fracture_fastai.run", "--arch", "cnn", "--data", str(root / "data"), "--size", "32", "--epochs", "1",
+                 "--bs", "4", "--lr", "1e-3", "--no-tta", "--out", str(out)],
+                ["fracture_fastai.export", str(out), "--onnx"]):
+        res = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    return out, images(root / "test", 8, 1)

@@ -395,3 +395,47 @@ def test_image_verdicts_follow_the_file(tmp_path):
     good.write_bytes(b"now broken")  # the same path, new content: checked again
     with pytest.raises(DataError, match="none of the images"):
         drop_unreadable(DataTable(df.copy()))
+
+
+def _copied_collection(root) -> dict:
+    "A class folder as real collections hold them after exports and copies between laptops: odd but valid images, and debris."
+    rng = np.random.default_rng(0)
+    gray = lambda: rng.integers(0, 256, (40, 48), dtype=np.uint8)  # noqa: E731
+    kinds = {"plain.png": lambda: Image.fromarray(gray()), "UPPER.JPG": lambda: Image.fromarray(gray()),
+             "Röntgen bild 1.jpeg": lambda: Image.fromarray(gray()),  # non-ASCII, a space
+             "cmyk.jpg": lambda: Image.fromarray(np.stack([gray()] * 3, -1)).convert("CMYK"),
+             "palette.png": lambda: Image.fromarray(gray()).convert("P"), "onebit.png": lambda: Image.fromarray(gray() > 128),
+             "gray_alpha.png": lambda: Image.fromarray(gray()).convert("LA"),
+             "sixteen.tif": lambda: Image.fromarray(gray().astype(np.uint16) * 200)}
+    for cls in ("elbow", "wrist"):
+        d = root / cls
+        d.mkdir(parents=True)
+        for name, make in kinds.items():
+            make().save(d / name)
+        (d / "._plain.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 4000)  # macOS AppleDouble twin
+        (d / ".DS_Store").write_bytes(b"\x00" * 64)
+        (d / ".thumbnails").mkdir()
+        Image.fromarray(gray()).save(d / ".thumbnails" / "t.png")  # an image, but in a hidden folder
+        (d / "Thumbs.db").write_bytes(b"\x00" * 64)
+        (d / "empty.jpg").write_bytes(b"")
+        (d / "moved.png").symlink_to(root / "gone" / "target.png")  # a link whose target was not copied
+    (root / ".Trashes").mkdir()  # a hidden folder at the top is not a class
+    return kinds
+
+
+def test_a_copied_collection_keeps_every_image_and_counts_the_debris(tmp_path):
+    from fracture_fastai.data import radiograph_dataloaders
+    kinds = _copied_collection(tmp_path)
+    table = load_table(tmp_path)
+    assert table.classes == ["elbow", "wrist"] and len(table.df) == 2 * len(kinds)
+    assert dict(table.skipped) == {"hidden file": 6, "not an image": 2, "broken link": 2, "unreadable image": 2}
+    dls = radiograph_dataloaders(table, size=32, bs=4, device="cpu", cache=False)
+    x, y = dls.valid.one_batch()
+    assert x.shape[1:] == (3, 32, 32)
+
+
+def test_predict_reads_the_odd_images_and_passes_over_the_debris(tmp_path):
+    from fracture_fastai.predict import find_images
+    kinds = _copied_collection(tmp_path)
+    files, missing = find_images([tmp_path / "elbow"])
+    assert sorted(f.name for f in files) == sorted([*kinds, "empty.jpg"]) and not missing  # empty.jpg: tried, then reported

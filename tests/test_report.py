@@ -106,3 +106,14 @@ def test_report_of_a_real_run_in_a_fresh_process(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert f"{metrics['valid']['accuracy']:.3f} (95 % CI" in text and "SYNTHETIC" in text and "cnn" in text
     assert text.count("data:image/png;base64,") == len(list(run.glob("*.png"))) >= 4
+
+
+def test_report_opens_with_the_verdict(tmp_path):
+    "The held-out split's headline numbers and its confusion matrix and heat maps first; options and history last."
+    run = fake_run(tmp_path, pngs=("curves.png", "confusion_matrix.png", "gradcam.png"))
+    text = render_report(run)
+    verdict = text[text.index("<h2>Verdict</h2>"):text.index("<h2>Metrics</h2>")]
+    assert "test split, 20 images" in verdict and "0.650 (95 % CI 0.433-0.819)" in verdict
+    assert 'alt="Grad-CAM"' in verdict and "confusion_matrix.png" in verdict
+    assert text.index("<h2>Verdict</h2>") < text.index("<h2>Figures</h2>") < text.index("<h2>Configuration</h2>")
+    assert text.count("data:image/png;base64,") == 3  # each plot once: the verdict's are not repeated below

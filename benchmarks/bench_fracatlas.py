@@ -1,0 +1,61 @@
+"""A fracture-or-not run on the shared FracAtlas, against the issue's targets (test AUROC >= 0.90, pointing game on
+the true positives >= 0.5, at most 40 minutes on a 2-core CPU). Prints test AUROC [95 % CI], sensitivity at 90 %
+specificity, pointing game and minutes; asserts nothing.
+
+    python benchmarks/bench_fracatlas.py [--out DIR] [--data PATH] [-- extra run options]
+
+RECIPE below is a starting point, not yet chosen by measurement: extra run options after `--` override it (argparse
+takes the last value of an option). Sensitivity at 90 % specificity is the test split's, at the threshold chosen for
+90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model would be used.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGET_AUROC, TARGET_POINTING_TP, TARGET_MINUTES = 0.90, 0.5, 40.0
+RECIPE = ["--arch", "tf_efficientnet_lite0", "--size", "224", "--balance", "oversample", "--freeze-epochs", "1",
+          "--epochs", "4", "--operating-point", "spec=0.90"]
+
+
+def _ci(value, ci) -> str:
+    if value is None: return "n/a"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas"))
+    p.add_argument("--out", default=None, help="leave the run folder here; default runs/<timestamp>-<arch>")
+    args, extra = p.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    if not (Path(args.data) / "dataset.csv").exists():
+        sys.exit(f"skipped: FracAtlas absent ({args.data} not found; it sits beside the project as ../shared/data)")
+    cmd = [sys.executable, "-m", "fracture_fastai.run", "--data", args.data, *RECIPE, *extra]
+    cmd += ["--out", args.out] if args.out else []
+    print("running:", " ".join(cmd), flush=True)
+    start = time.time()
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    minutes = (time.time() - start) / 60
+    if res.returncode:
+        sys.exit(f"run failed with exit code {res.returncode}")
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    split = "test" if "test" in metrics else "valid"
+    b = metrics[split]["binary"]
+    loc, loc_tp = metrics[split].get("localisation") or {}, metrics[split].get("localisation_tp") or {}
+    print(f"\n{split} ({b['n']} images, {b['n_positive']} {b['positive']}), run folder {run_dir}")
+    print(f"AUROC {_ci(b['auroc'], b['auroc_ci95'])} (target >= {TARGET_AUROC}: ratio {b['auroc'] / TARGET_AUROC:.3f})")
+    print(f"sensitivity {_ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "
+          f"{_ci(b['specificity'], b['specificity_ci95'])} (threshold {b['threshold']:.3f}, chosen on valid for spec 0.90)")
+    print(f"pointing game: true positives {_ci(loc_tp.get('pointing_game'), loc_tp.get('pointing_game_ci95'))} "
+          f"(n={loc_tp.get('n', 0)}, target >= {TARGET_POINTING_TP}), all positives "
+          f"{_ci(loc.get('pointing_game'), loc.get('pointing_game_ci95'))} (n={loc.get('n', 0)})")
+    print(f"accuracy {b['accuracy']:.3f} vs {b['baseline_accuracy']:.3f} calling every image {b['negative']}")
+    print(f"minutes {minutes:.1f} (target <= {TARGET_MINUTES:.0f}: ratio {minutes / TARGET_MINUTES:.3f})")
+
+
+if __name__ == "__main__":
+    main()

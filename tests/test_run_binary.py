@@ -1,0 +1,101 @@
+"A binary (fracture or not) run end to end on a generated FracAtlas-shaped folder: its metrics, plots, threshold, predict."
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+BINARY_FILES = {"roc.png", "pr.png", "calibration.png", "metrics.json", "model.json", "report.html"}
+BINARY_KEYS = {"positive", "negative", "threshold", "auroc", "auroc_ci95", "average_precision", "sensitivity",
+               "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "ppv_ci95", "npv", "npv_ci95", "brier", "ece",
+               "accuracy", "baseline_accuracy", "subgroups"}
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory, fracatlas_maker):
+    data = fracatlas_maker(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
+    out = tmp_path_factory.mktemp("runs") / "cnn-fracatlas"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
+               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return data, out, res
+
+
+def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
+    _, out, res = binary_run
+    assert BINARY_FILES <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    valid, test = metrics["valid"]["binary"], metrics["test"]["binary"]
+    assert BINARY_KEYS <= set(valid) and BINARY_KEYS <= set(test)
+    assert valid["positive"] == "fractured" and valid["operating_point"] == "sens=0.90"
+    assert valid["sensitivity"] >= 0.9  # the rule it was chosen by, on the split it was chosen on
+    assert test["threshold"] == valid["threshold"]  # applied unchanged to the test split
+    assert valid["baseline_accuracy"] == pytest.approx(4 / 6)  # 2 fractured, 4 normal in valid
+    assert set(valid["subgroups"]) == {"body_part", "hardware"} and set(valid["subgroups"]["body_part"]) == {"hand", "leg"}
+    # Grad-CAM of 'fractured' on the fractured images: all of them, and the true positives among them
+    loc = metrics["valid"]["localisation"]
+    assert loc["target"] == "fractured" and loc["images"] == "all positives" and loc["n"] == 2
+    assert metrics["valid"].get("localisation_tp", {"n": 0})["n"] == valid["tp"]
+    assert "AUROC" in res.stdout
+    decision = json.loads((out / "model.json").read_text())["decision"]
+    assert decision == {"positive": "fractured", "threshold": valid["threshold"], "operating_point": "sens=0.90",
+                        "chosen_on": "valid"}
+    report = (out / "report.html").read_text()
+    assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
+    verdict = report[report.index("<h2>Verdict</h2>"):report.index("<h2>Metrics</h2>")]
+    assert "test split" in verdict and "AUROC" in verdict and "roc.png" in verdict and "sensitivity at threshold" in verdict
+
+
+def test_predict_applies_the_saved_threshold(binary_run, tmp_path, capsys):
+    data, out, _ = binary_run
+    images = sorted((data / "images").rglob("*.jpg"))[:6]
+    threshold = json.loads((out / "model.json").read_text())["decision"]["threshold"]
+    res = _cli("fracture_fastai.predict", str(out), *map(str, images), "--csv", str(tmp_path / "p.csv"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert {"fractured", "normal"} <= set(preds.columns)  # one probability column per class
+    clear = (preds.fractured - threshold).abs() > 1e-5  # the CSV rounds to 6 decimals; a valid image sits on it
+    expected = preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})
+    assert clear.sum() >= 4 and (preds["class"] == expected)[clear].all()
+    assert preds.probability.tolist() == pytest.approx(preds.fractured.tolist(), abs=1e-6)
+    # --threshold overrides: 0 calls everything fractured (in this process: a second fastai start costs seconds)
+    from fracture_fastai.predict import main
+    assert main([str(out), *map(str, images), "--threshold", "0"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split("\t")[1] for line in captured.out.splitlines()] == ["fractured"] * 6
+    assert "from 0.0000 on (--threshold)" in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(out), str(images[0]), "--threshold", "1.5"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --threshold")
+
+
+def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path, capsys):
+    from fracture_fastai.run import main
+    data, _, _ = binary_run
+    for option, value, says in (("--positive", "broken", "--positive 'broken' is not a class"),
+                                ("--operating-point", "sens=2", "operating point must be")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1", option, value,
+                  "--out", str(tmp_path / "r"), "--no-cache"])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {says}")
+        assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+def test_leaderboard_shows_auroc_and_sensitivity(binary_run):
+    from fracture_fastai.compare import leaderboard, to_markdown
+    _, out, _ = binary_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    df = leaderboard([out], timing=False)
+    row = df.iloc[0]
+    assert row.valid_auroc == pytest.approx(metrics["valid"]["binary"]["auroc"])
+    assert row.test_sensitivity == pytest.approx(metrics["test"]["binary"]["sensitivity"])
+    assert row.operating_point == "sens=0.90"
+    md = to_markdown(df)
+    assert "test AUROC [95% CI]" in md and "sens=0.90" in md and "Sorted by validation AUROC" in md
