@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,16 +201,15 @@ def paired_comparison(
            "accuracy_b": float(np.mean([p["accuracy_b"] for p in per_seed])),
            "accuracy_diff": diff, "accuracy_diff_ci95": [low, high], "per_seed": per_seed}
     if auroc_sets and all(pos.any() and (~pos).any() for pos, _, _ in auroc_sets):
-        def auroc_diff(*idx_sets):  # bootstrap the image indices of each seed pair, score AUROC on the resample
-            return float(np.mean([_auroc(pos[i], sb[i]) - _auroc(pos[i], sa[i])
-                                  for (pos, sa, sb), i in zip(auroc_sets, (s.astype(int) for s in idx_sets))]))
-        idx = [np.arange(len(pos)) for pos, _, _ in auroc_sets]
+        # Positives and negatives are resampled apart (stratified), so that every resample has an AUROC.
+        def auroc_diff(*idx):  # idx: the positives' then the negatives' image indices of each seed pair, in turn
+            return float(np.mean([_auroc(pos[i], sb[i]) - _auroc(pos[i], sa[i]) for (pos, sa, sb), i in
+                                  zip(auroc_sets, (np.r_[p, n].astype(int) for p, n in zip(idx[::2], idx[1::2])))]))
+        idx = [part for pos, _, _ in auroc_sets for part in (np.flatnonzero(pos), np.flatnonzero(~pos))]
         out["auroc_a"] = float(np.mean([_auroc(pos, sa) for pos, sa, _ in auroc_sets]))
         out["auroc_b"] = float(np.mean([_auroc(pos, sb) for pos, _, sb in auroc_sets]))
         out["auroc_diff"] = auroc_diff(*idx)
-        with warnings.catch_warnings():  # a resample holding one class only has no AUROC: it is left out
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out["auroc_diff_ci95"] = list(bootstrap_ci(idx, auroc_diff, n_resamples=min(n_resamples, 1000)))
+        out["auroc_diff_ci95"] = list(bootstrap_ci(idx, auroc_diff, n_resamples=min(n_resamples, 1000)))
     return out
 
 

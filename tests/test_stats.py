@@ -94,7 +94,9 @@ def test_paired_comparison_pairs_by_seed(clahe_runs):
     assert 0 < low < 0.175 < high
     assert [(p["seed"], p["only_b"], p["only_a"]) for p in c["per_seed"]] == [(42, 3, 0), (43, 4, 0)]
     assert c["same_images_across_seeds"] and c["images"] == [20, 20]
-    assert "auroc_diff" in c  # binary: the AUROC difference too
+    # binary: the AUROC difference too; the fake scores are 0.8/0.2 for the predicted class, so AUROC = balanced accuracy
+    assert c["auroc_a"] == pytest.approx(0.6) and c["auroc_b"] == pytest.approx(0.775)
+    assert all(np.isfinite(c["auroc_diff_ci95"])) and c["auroc_diff_ci95"][0] <= c["auroc_diff"] <= c["auroc_diff_ci95"][1]
     text = format_paired(c)
     assert "+0.175" in text and "seed 42: 3 right only with clahe_42..." in text
 
