@@ -20,7 +20,8 @@ from .errors import ArgumentParser, UserError, cli_errors
 from .files import atomic_path, save_figure, write_text
 from .runstate import resume_command, run_state
 
-__all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard", "main"]
+__all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard",
+           "seed_markdown", "paired_report", "main"]
 
 # What each leaderboard column holds; the CSV has them all, the Markdown shows them merged (e.g. accuracy with its CI).
 COLUMNS = {
@@ -468,7 +469,48 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for the leaderboard files; default: the first RUN_DIR when it holds runs, else the current folder")
     p.add_argument("--n-images", type=int, default=16, help="images in the timed CPU batch (default: %(default)s)")
     p.add_argument("--no-timing", action="store_true", help="skip the CPU inference timing (params are still counted)")
+    p.add_argument("--paired", nargs="+", metavar="A [B]", default=None,
+                   help="paired comparison on the same images: two run folders (or folders holding one configuration's "
+                        "seeds), or one option name (e.g. no_clahe) to compare the configurations that differ only in it")
+    p.add_argument("--split", choices=["valid", "test"], default="valid", help="images of the paired comparison")
     return p
+
+
+def seed_markdown(df: pd.DataFrame) -> str:
+    "The table of `stats.group_table` as Markdown: one row per configuration, mean accuracy and t 95 % CI over seeds."
+    acc = next(c for c in df.columns if c.endswith("_accuracy_mean"))
+    keys = [c for c in df.columns if c not in (acc, "ci_low", "ci_high", "seeds", "runs", "per_seed")]
+    rows = [[*(r[k] for k in keys), r.seeds, _fmt_ci(r[acc], r.ci_low, r.ci_high), r.per_seed] for _, r in df.iterrows()]
+    header = [*keys, "seeds", f"mean {acc.split('_')[0]} acc [95% CI over seeds]", "per seed"]
+    return _markdown_table(header, rows, right={len(keys)})
+
+
+def paired_report(
+    runs,  # finished run folders
+    paired=None,  # None: every two configurations differing in one option; [option]; or [A, B] (run folders)
+    split: str = "valid",  # images of the comparison
+) -> str:
+    "Seed groups (when some configuration has several seeds) and the paired comparisons of `runs`, as text."
+    from .stats import format_paired, group_table, paired_by_option, paired_comparison
+    parts = []
+    groups = group_table(runs, split)
+    if (groups.seeds > 1).any():
+        parts.append("Configurations over seeds:\n\n" + seed_markdown(groups))
+    if paired and len(paired) == 2:
+        comparisons = [paired_comparison(collect_runs([paired[0]]), collect_runs([paired[1]]), split=split)]
+    elif paired and len(paired) == 1:
+        comparisons = paired_by_option(runs, option=paired[0], split=split)
+    elif paired:
+        raise UserError(f"--paired takes two run folders or one option name; got {len(paired)} values")
+    else:  # unasked: compare what can be compared, and say why not where runs lack what it needs
+        try:
+            comparisons = paired_by_option(runs, split=split)
+        except UserError as e:
+            comparisons = []
+            parts.append(f"(no paired comparison: {e})")
+    if comparisons:
+        parts.append("Paired comparisons (B vs A on the same images):\n\n" + "\n\n".join(map(format_paired, comparisons)))
+    return "\n\n".join(parts)
 
 
 @cli_errors
@@ -477,9 +519,13 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.n_images < 1:
         raise UserError(f"--n-images must be at least 1; got {args.n_images}")
-    df = leaderboard(collect_runs(args.paths), timing=not args.no_timing, n_images=args.n_images)
+    runs = collect_runs(args.paths)
+    report = paired_report(runs, args.paired, args.split)  # first: a wrong --paired fails before any timing
+    df = leaderboard(runs, timing=not args.no_timing, n_images=args.n_images)
     paths = write_leaderboard(df, args.out if args.out is not None else _default_out(args.paths))
     print(to_markdown(df))
+    if report:
+        print(report + "\n")
     for p in paths:
         print(p)
 

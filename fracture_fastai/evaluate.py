@@ -22,7 +22,7 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["TTA", "predict_probs", "accuracy_ci", "classification_metrics", "evaluate_learner", "interpretation", "plot_confusion_matrix",
-           "plot_top_losses", "interpretation_plots", "plot_curves", "write_json"]
+           "plot_top_losses", "interpretation_plots", "plot_curves", "write_json", "prediction_table", "write_predictions"]
 
 
 def accuracy_ci(
@@ -317,3 +317,39 @@ def plot_curves(
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     return _save(path)
+def prediction_table(
+    files,  # the images, in the order of `probs`
+    probs,  # class probabilities, one row per image (e.g. from `evaluate_learner`)
+    targets,  # actual class indices
+    classes,  # class names in index order (`learn.dls.vocab`)
+    split: str = "valid",  # what the `split` column says
+):
+    """One row per image: file, split, label, predicted (the most probable class, as `accuracy` counts it) and one
+    `prob_<class>` column per class."""
+    import pandas as pd
+    vocab = [str(c) for c in classes]
+    table = pd.DataFrame({"file": [str(f) for f in files], "split": split,
+                          "label": [vocab[int(t)] for t in targets],
+                          "predicted": [vocab[int(i)] for i in probs.argmax(dim=1)]})
+    for i, c in enumerate(vocab):
+        table[f"prob_{c}"] = probs[:, i].float().numpy()
+    return table
+
+
+def write_predictions(
+    learn,  # the trained Learner: its validation DataLoader and, as `dls[2]`, its labelled test one
+    path,  # CSV to write (e.g. run_dir / 'predictions.csv')
+    outputs: dict,  # {'valid': (probs, targets)[, 'test': (...)]} as `evaluate_learner` returned them for those splits
+) -> Path:
+    "Per-image predictions of the evaluated splits as one CSV, written atomically: what paired comparisons of runs read."
+    import pandas as pd
+    from .files import atomic_path
+    dls = {"valid": learn.dls.valid, "test": learn.dls[2] if len(learn.dls.loaders) > 2 else None}
+    parts = []
+    for split, (probs, targets) in outputs.items():
+        items = dls[split].items
+        files = items["file"].tolist() if isinstance(items, pd.DataFrame) else list(items)
+        parts.append(prediction_table(files, probs, targets, learn.dls.vocab, split))
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
+    return Path(path)

@@ -95,6 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--operating-point", default="youden", metavar="RULE",
                    help="two classes: how the decision threshold is chosen on the validation split: youden (max "
                         "sensitivity + specificity - 1), sens=0.90 or spec=0.90")
+    t = p.add_argument_group("tracking (extra 'track')")
+    t.add_argument("--track", choices=["none", "mlflow", "tensorboard"], default="none",
+                   help="mlflow: also log options, per-epoch and final metrics and the run folder's files to MLflow; "
+                        "tensorboard: fastai's TensorBoard event files in the run folder's tensorboard/")
+    t.add_argument("--track-uri", default=None, help="MLflow tracking URI, or a folder for a local store; default: ./mlruns")
+    t.add_argument("--track-experiment", default="fracture_fastai", help="MLflow experiment the run goes to")
     args = p.parse_args(argv)
     if args.resume is not None:
         given = sorted(k for k, v in vars(args).items() if k != "resume" and v != p.get_default(k))
@@ -208,29 +214,33 @@ class Phases(dict):
         return _timed()
 
 
-def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resume: dict | None = None):
+def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resume: dict | None = None, cbs=()):
     import pandas as pd
 
     from .cam import gradcam_grid
-    from .evaluate import evaluate_learner, interpretation_plots, plot_curves
+    from .evaluate import evaluate_learner, interpretation_plots, plot_curves, write_predictions
     from .report import write_report
     from .model_io import save_model
+    from .distributed import data_parallel, is_main
     from .train import CHECKPOINT, export_learner, precision_of, radiograph_learner, train
 
     with phases("learner"):
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
                                    label_smoothing=args.label_smoothing, balance=args.balance, precision=args.precision,
                                    path=out)
+    learn.add_cbs(cbs)
     info, precision = learn.weights_info, precision_of(learn)
     print(f"weights: {info.note}; precision: {precision}", flush=True)
     config.update(weights=info.source, precision=precision)
     write_json(config, out / "config.json")
 
     start = time.time()
-    with phases("train"):
+    with phases("train"), data_parallel(learn):  # several processes under torchrun / accelerate launch
         summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
                         schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
                         patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume)
+    if not is_main():  # rank 0 alone evaluates and writes
+        return learn, {}
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]
@@ -244,6 +254,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         outputs = {split: m[1:] for split, m in metrics.items()}  # split -> (probs, targets)
         metrics = {split: m[0] for split, m in metrics.items()}
         metrics["tta"] = args.tta
+        write_predictions(learn, out / "predictions.csv", outputs)  # per image, for paired comparisons of runs
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports, FracAtlas).
     with phases("localisation"):
         for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
@@ -260,6 +271,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
                          binary["threshold"], out, positive=binary["positive"])
     with phases("gradcam"):
         gradcam_grid(learn, out / "gradcam.png")
+    learn.remove_cbs(cbs)  # training-only callbacks (a sweep's pruning) stay out of the export
     if binary:  # the decision rule of a binary model: which class is the finding, from which probability on
         decision = {"positive": binary["positive"], "threshold": binary["threshold"],
                     "operating_point": args.operating_point, "chosen_on": "valid"}
@@ -299,8 +311,12 @@ def _localisation(learn, dl, binary: dict, probs, targets) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(
+    args: argparse.Namespace,  # options from `parse_args`
+    cbs=(),  # extra fastai callbacks for training only (e.g. a sweep's pruning), taken out before the export
+) -> Path:
     "Do one run as `args` says (or continue the one `args.resume` names); return the run folder."
+    from . import distributed
     from .data import load_table, radiograph_dataloaders, sample_per_class
     from .demo import make_demo
     from .models import arch_stats
@@ -311,8 +327,10 @@ def run(args: argparse.Namespace) -> Path:
         print("no --data given: using the built-in SYNTHETIC demo dataset (six regions, made by the package); "
               "results on it say nothing about real radiographs", flush=True)
     phases = Phases()
-    with phases("data"):
-        table = load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed)
+    distributed.setup()  # joins the process group under torchrun / accelerate launch; nothing otherwise
+    with phases("data"):  # every rank reads the same table (same seed); rank 0 first makes the demo and the cache
+        table = distributed.rank0_first(
+            lambda: load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed))
         if args.sample:
             table.df = sample_per_class(table.df, args.sample, seed=args.seed)
         size = args.size or (DEMO_SIZE if demo else SIZE)
@@ -337,19 +355,24 @@ def run(args: argparse.Namespace) -> Path:
         print(f"resuming {out}: " + (f"{resume['phase']} phase, {resume['epochs_done']} of {resume['n_epoch']} epochs "
               "done" if resume else "no epoch had finished; training starts again"), flush=True)
     else:
-        out, resume = new_run_dir(args.out, args.arch), None
+        out = distributed.share_path(new_run_dir(args.out, args.arch) if distributed.is_main() else None)
+        resume = None
         config = {"options": {**vars(args), "size": size}, "data": data, "versions": _versions(),
                   "device": str(dls.device), "started": datetime.now().isoformat(timespec="seconds")}
-    config.update(status="running", process=owner(), resume=resume_command(out))
+    config.update(status="running", process=owner(), resume=resume_command(out), world_size=distributed.world_size())
+    out = out if distributed.is_main() else distributed.worker_dir(out)  # other ranks write to scratch only
     write_json(config, out / "config.json")
+    from .tracking import finish_tracking, tracking_callbacks
+    tracked = tracking_callbacks(args, out) if distributed.is_main() else []  # --track: MLflow; [] by default
     try:
         with Heartbeat(out):
-            learn, metrics = _train_and_evaluate(args, dls, out, config, phases, resume=resume)
+            learn, metrics = _train_and_evaluate(args, dls, out, config, phases, resume=resume, cbs=list(cbs) + tracked)
     except BaseException as e:  # the folder says the run did not finish, why, and how to go on
         interrupted = isinstance(e, KeyboardInterrupt)
         config.update(status="interrupted" if interrupted else "failed",
                       error="interrupted (Ctrl-C)" if interrupted else f"{type(e).__name__}: {e}")
         write_json(config, out / "config.json")
+        finish_tracking(tracked, out, status="FAILED")
         try:  # a report of the failure helps; it must not hide the original error
             from .report import write_report
             write_report(out)
@@ -358,6 +381,8 @@ def run(args: argparse.Namespace) -> Path:
         if interrupted:
             print(f"interrupted; continue with: {resume_command(out)}", file=sys.stderr, flush=True)
         raise
+    distributed.finish(out)
+    finish_tracking(tracked, out)
     for split, m in metrics.items():
         if isinstance(m, dict):
             lo, hi = m["accuracy_ci95"]
@@ -398,7 +423,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _stop)
     args = parse_args(argv)
     out = run(args)
-    print(out)
+    from .distributed import is_main
+    if is_main(): print(out)  # the run folder; other ranks of a multi-process run wrote none
 
 
 if __name__ == "__main__":

@@ -300,7 +300,9 @@ class Checkpoint(Callback):
 
     def save(self, epochs_done: int):
         import random
-        from fastai.torch_core import get_model
+        from fastai.torch_core import get_model, rank_distrib
+        if rank_distrib(): return  # several processes (torchrun): rank 0 alone writes, as fastai's Learner.save
+        train_dl = getattr(self.dls.train, "dl", self.dls.train)  # under DDP: the DataLoader inside DistributedDL
         state = {"format": CHECKPOINT_FORMAT, "phase": self.phase, "epochs_done": epochs_done, "n_epoch": self.n_epoch,
                  "history": self.history.rows, **self.info,
                  "smooth_loss": {"count": self.learn.recorder.smooth_loss.count, 
@@ -308,7 +310,7 @@ class Checkpoint(Callback):
                  "trackers": {type(cb).__name__: cb.snapshot() for cb in self.learn.cbs if isinstance(cb, _Resumable)},
                  "model": get_model(self.learn.model).state_dict(), "opt": _plain(self.learn.opt.state_dict()),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "train_dl": self.dls.train.rng.getstate()}}
+                         "train_dl": train_dl.rng.getstate()}}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 

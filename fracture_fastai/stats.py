@@ -1,0 +1,259 @@
+"""Paired statistics of runs: which runs differ only by seed (mean and CI over seeds), and whether two
+configurations differ on the same images (McNemar's test, bootstrap CI of the accuracy and AUROC differences).
+
+It reads run folders (config.json, metrics.json, predictions.csv); the tests themselves are statsmodels' and
+scipy's, not our own arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+__all__ = ["NOT_CONFIG", "mcnemar_test", "bootstrap_ci", "seed_ci", "run_options", "seed_groups", "group_table",
+           "differing_options", "paired_comparison", "paired_by_option", "format_paired"]
+
+# Options that say where or how fast a run went, not what it computed: runs differing only in these (and the seed)
+# are repeats of one configuration.
+NOT_CONFIG = {"seed", "out", "num_workers", "cache", "resume", "track", "track_uri", "track_experiment"}
+EXACT_BELOW = 25  # discordant pairs under which McNemar's test is the exact binomial one (statsmodels' advice)
+
+
+def mcnemar_test(
+    correct_a,  # per image: did configuration A classify it correctly (bools, one per image)
+    correct_b,  # the same images, configuration B
+) -> dict:
+    "McNemar's test of A and B on the same images: discordant counts and the p-value (exact binomial when they are few)."
+    from statsmodels.stats.contingency_tables import mcnemar
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b differ in length: {a.size} != {b.size}")
+    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+    discordant = table[0][1] + table[1][0]
+    exact = discordant < EXACT_BELOW
+    result = mcnemar(table, exact=exact, correction=True)
+    return {"n": int(a.size), "only_a": table[0][1], "only_b": table[1][0], "exact": exact,
+            "pvalue": float(result.pvalue) if discordant else 1.0}
+
+
+def bootstrap_ci(
+    samples,  # one array per stratum (e.g. per seed), resampled independently; a single array for plain resampling
+    statistic,  # function of the resampled arrays (same order) -> float
+    n_resamples: int = 5000,
+    level: float = 0.95,
+    seed: int = 0,  # a fixed seed: the same runs always get the same interval
+) -> tuple:
+    "Percentile bootstrap interval `(low, high)` of `statistic` (scipy.stats.bootstrap); a point when the data cannot vary."
+    from scipy.stats import bootstrap
+    samples = [np.asarray(s, dtype=float) for s in samples]
+    if all(np.ptp(s) == 0 for s in samples):  # every resample gives the same value: the interval is that point
+        v = float(statistic(*samples))
+        return v, v
+    res = bootstrap(samples, statistic, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                    vectorized=False, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def seed_ci(
+    values,  # one accuracy (or other share in [0, 1]) per seed
+    level: float = 0.95,
+) -> tuple:
+    "`(mean, low, high)` of per-seed values: Student's t interval over seeds in [0, 1] (NaN bounds with fewer than 2 seeds)."
+    from scipy import stats
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean()) if v.size else math.nan
+    if v.size < 2:
+        return mean, math.nan, math.nan
+    if np.ptp(v) == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(level, v.size - 1, loc=mean, scale=stats.sem(v))
+    # Clipped to [0, 1], where accuracies live: with 2-3 seeds t's interval is wide and would spill past the ends.
+    return mean, float(max(low, 0.0)), float(min(high, 1.0))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def run_options(run) -> dict:
+    "The options that made `run` what it is: config.json's options without where/how-fast ones (`NOT_CONFIG`)."
+    config = _read_json(Path(run) / "config.json")
+    opts = {k: v for k, v in config.get("options", {}).items() if k not in NOT_CONFIG}
+    opts["data"] = config.get("data", {}).get("path", opts.get("data"))  # 'demo' rather than None
+    return opts
+
+
+def _seed(run) -> int | None:
+    return _read_json(Path(run) / "config.json").get("options", {}).get("seed")
+
+
+def _key(opts: dict) -> str:
+    return json.dumps(opts, sort_keys=True, default=str)
+
+
+def seed_groups(runs) -> list:
+    "Runs grouped by configuration (differing only by seed and `NOT_CONFIG`): a list of `(options, [runs by seed])`."
+    groups = {}
+    for run in map(Path, runs):
+        opts = run_options(run)
+        groups.setdefault(_key(opts), (opts, []))[1].append(run)
+    return [(opts, sorted(members, key=lambda r: (_seed(r) is None, _seed(r) or 0, r.name)))
+            for opts, members in groups.values()]
+
+
+def differing_options(groups) -> list:
+    "Options whose value is not the same in every group (what a sweep varied)."
+    keys = sorted(set().union(*(opts for opts, _ in groups)))
+    return [k for k in keys if len({_key({k: opts.get(k)}) for opts, _ in groups}) > 1]
+
+
+def _accuracy(run, split: str) -> float:
+    v = (_read_json(Path(run) / "metrics.json").get(split) or {}).get("accuracy")
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def group_table(
+    runs,  # finished run folders
+    split: str = "valid",  # whose accuracy
+) -> pd.DataFrame:
+    "One row per configuration: the options that differ between configurations, seeds, mean accuracy and its t CI over seeds."
+    groups = seed_groups(runs)
+    varied = differing_options(groups)
+    rows = []
+    for opts, members in groups:
+        accs = [_accuracy(r, split) for r in members]
+        mean, low, high = seed_ci([a for a in accs if not math.isnan(a)])
+        rows.append({**{k: opts.get(k) for k in varied}, "seeds": len(members),
+                     "runs": " ".join(r.name for r in members), f"{split}_accuracy_mean": mean,
+                     "ci_low": low, "ci_high": high, "per_seed": " ".join(f"{a:.3f}" for a in accs)})
+    return pd.DataFrame(rows)
+
+
+def _predictions(run, split: str) -> pd.DataFrame:
+    path = Path(run) / "predictions.csv"
+    if not path.is_file():
+        raise UserError(f"{run} has no predictions.csv (made by runs of this version); rerun it to compare it paired")
+    df = pd.read_csv(path)
+    df = df[df.split == split]
+    if df.empty:
+        raise UserError(f"{path} has no {split} predictions; choose another --split")
+    return df.set_index("file")
+
+
+def _auroc(labels, scores) -> float:
+    "scikit-learn's AUROC of `scores` for the boolean `labels`; NaN when one class is absent."
+    from sklearn.metrics import roc_auc_score
+    if labels.all() or not labels.any():
+        return math.nan
+    return float(roc_auc_score(labels, scores))
+
+
+def _pair_runs(runs_a, runs_b) -> list:
+    "Runs of A and B paired by seed where both have it; else in order (a single run each, for instance)."
+    seeds_a, seeds_b = {_seed(r): r for r in runs_a}, {_seed(r): r for r in runs_b}
+    common = [s for s in seeds_a if s in seeds_b and s is not None]
+    if common:
+        return [(seeds_a[s], seeds_b[s], s) for s in sorted(common)]
+    return [(a, b, None) for a, b in zip(runs_a, runs_b)]
+
+
+def paired_comparison(
+    runs_a,  # run folders of configuration A (one per seed)
+    runs_b,  # run folders of configuration B, paired with A's by seed
+    split: str = "valid",  # 'valid' or 'test'
+    n_resamples: int = 5000,  # bootstrap resamples
+) -> dict:
+    "B against A on the same images: accuracies, their difference with a paired bootstrap 95 % CI, McNemar per seed pair."
+    pairs = _pair_runs(list(map(Path, runs_a)), list(map(Path, runs_b)))
+    if not pairs:
+        raise UserError("nothing to pair: each side needs at least one finished run")
+    diffs, per_seed, auroc_sets = [], [], []
+    for a, b, seed in pairs:
+        pa, pb = _predictions(a, split), _predictions(b, split)
+        files = pa.index.intersection(pb.index)
+        if len(files) < len(pa) or len(files) < len(pb):
+            raise UserError(f"{a} and {b} scored different {split} images ({len(pa)} and {len(pb)}, {len(files)} in "
+                            "common); pair runs made on the same data, --sample and --valid-pct")
+        pa, pb = pa.loc[files], pb.loc[files]
+        ca, cb = (pa.label == pa.predicted).to_numpy(), (pb.label == pb.predicted).to_numpy()
+        diffs.append(pd.Series(cb.astype(float) - ca.astype(float), index=files))
+        per_seed.append({"seed": seed, "run_a": a.name, "run_b": b.name, "accuracy_a": float(ca.mean()),
+                         "accuracy_b": float(cb.mean()), **mcnemar_test(ca, cb)})
+        prob_cols = [c for c in pa.columns if c.startswith("prob_")]
+        if len(prob_cols) == 2:  # binary: AUROC of the second class's probability (the same value for the first)
+            positive = (pa.label.astype(str) == prob_cols[1][len("prob_"):]).to_numpy()
+            auroc_sets.append((positive, pa[prob_cols[1]].to_numpy(float), pb[prob_cols[1]].to_numpy(float)))
+    same_images = all(d.index.equals(diffs[0].index) for d in diffs)
+    if same_images:  # the same images under every seed: resample images jointly, each carrying its mean over seeds
+        per_image = np.mean([d.to_numpy() for d in diffs], axis=0)
+        samples, statistic = [per_image], np.mean
+    else:  # each seed drew its own images (--sample, or a split by seed): resample within each seed's images
+        samples, statistic = [d.to_numpy() for d in diffs], lambda *ds: float(np.mean([np.mean(d) for d in ds]))
+    diff = float(statistic(*samples))
+    low, high = bootstrap_ci(samples, statistic, n_resamples=n_resamples)
+    out = {"split": split, "seeds": len(pairs), "images": [len(d) for d in diffs], "same_images_across_seeds": same_images,
+           "accuracy_a": float(np.mean([p["accuracy_a"] for p in per_seed])),
+           "accuracy_b": float(np.mean([p["accuracy_b"] for p in per_seed])),
+           "accuracy_diff": diff, "accuracy_diff_ci95": [low, high], "per_seed": per_seed}
+    if auroc_sets and all(pos.any() and (~pos).any() for pos, _, _ in auroc_sets):
+        # Positives and negatives are resampled apart (stratified), so that every resample has an AUROC.
+        def auroc_diff(*idx):  # idx: the positives' then the negatives' image indices of each seed pair, in turn
+            return float(np.mean([_auroc(pos[i], sb[i]) - _auroc(pos[i], sa[i]) for (pos, sa, sb), i in
+                                  zip(auroc_sets, (np.r_[p, n].astype(int) for p, n in zip(idx[::2], idx[1::2])))]))
+        idx = [part for pos, _, _ in auroc_sets for part in (np.flatnonzero(pos), np.flatnonzero(~pos))]
+        out["auroc_a"] = float(np.mean([_auroc(pos, sa) for pos, sa, _ in auroc_sets]))
+        out["auroc_b"] = float(np.mean([_auroc(pos, sb) for pos, _, sb in auroc_sets]))
+        out["auroc_diff"] = auroc_diff(*idx)
+        out["auroc_diff_ci95"] = list(bootstrap_ci(idx, auroc_diff, n_resamples=min(n_resamples, 1000)))
+    return out
+
+
+def paired_by_option(
+    runs,  # finished run folders
+    option: str | None = None,  # compare configurations that differ in this option only; None: in any one option
+    split: str = "valid",
+    n_resamples: int = 5000,
+) -> list:
+    "`paired_comparison` of every two configurations among `runs` that differ in exactly one option: a list of dicts."
+    groups = seed_groups(runs)
+    out = []
+    for i, (opts_a, runs_a) in enumerate(groups):
+        for opts_b, runs_b in groups[i + 1:]:
+            diff = [k for k in set(opts_a) | set(opts_b) if _key({k: opts_a.get(k)}) != _key({k: opts_b.get(k)})]
+            if len(diff) != 1 or (option is not None and diff[0] != option):
+                continue
+            key = diff[0]
+            rest = {k: v for k, v in opts_a.items() if k != key and k in differing_options(groups)}
+            comparison = paired_comparison(runs_a, runs_b, split=split, n_resamples=n_resamples)
+            out.append({"option": key, "a": opts_a.get(key), "b": opts_b.get(key), "fixed": rest, **comparison})
+    if option is not None and not out:
+        varied = differing_options(groups)
+        raise UserError(f"no two configurations differ only in {option!r}; options that vary here: "
+                        f"{', '.join(varied) or 'none'}")
+    return out
+
+
+def format_paired(c: dict) -> str:
+    "A few lines that say what a comparison from `paired_comparison` or `paired_by_option` found."
+    first = c["per_seed"][0]
+    name_a = f"{c['option']}={c['a']}" if "option" in c else first["run_a"] + ("..." if c["seeds"] > 1 else "")
+    name_b = f"{c['option']}={c['b']}" if "option" in c else first["run_b"] + ("..." if c["seeds"] > 1 else "")
+    fixed = ", ".join(f"{k}={v}" for k, v in c.get("fixed", {}).items())
+    lo, hi = c["accuracy_diff_ci95"]
+    n = c["images"][0] if len(set(c["images"])) == 1 else f"{min(c['images'])}-{max(c['images'])}"
+    lines = [f"{name_b} vs {name_a}" + (f" ({fixed})" if fixed else "") + f", {c['split']}, {n} images x {c['seeds']} seed(s):",
+             f"  accuracy {c['accuracy_b']:.3f} vs {c['accuracy_a']:.3f}: difference {c['accuracy_diff']:+.3f} "
+             f"(paired bootstrap 95% CI {lo:+.3f} to {hi:+.3f})"]
+    if "auroc_diff" in c:
+        lo, hi = c["auroc_diff_ci95"]
+        lines.append(f"  AUROC {c['auroc_b']:.3f} vs {c['auroc_a']:.3f}: difference {c['auroc_diff']:+.3f} "
+                     f"(95% CI {lo:+.3f} to {hi:+.3f})")
+    tests = "; ".join(f"seed {p['seed']}: {p['only_b']} right only with {name_b}, {p['only_a']} only with {name_a}, "
+                      f"p={p['pvalue']:.3g}{' (exact)' if p['exact'] else ''}" for p in c["per_seed"])
+    lines.append(f"  McNemar per seed pair: {tests}")
+    return "\n".join(lines)

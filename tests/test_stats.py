@@ -1,0 +1,129 @@
+"Paired statistics: McNemar, bootstrap and seed intervals against values known in closed form, and on hand-made run folders."
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import chi2
+
+from fracture_fastai.errors import UserError
+from fracture_fastai.stats import (bootstrap_ci, group_table, mcnemar_test, paired_by_option, paired_comparison,
+                                   format_paired, seed_ci, seed_groups)
+
+
+def test_mcnemar_exact_for_few_discordant_pairs():
+    a = np.array([True] * 10 + [False] * 5)  # A right on the first 10; B right on all 15: 5 discordant, all for B
+    r = mcnemar_test(a, np.ones(15, bool))
+    assert (r["only_a"], r["only_b"], r["exact"]) == (0, 5, True)
+    assert r["pvalue"] == pytest.approx(2 * 0.5 ** 5)  # two-sided exact binomial: P(X = 0 or 5 | n=5, p=1/2)
+
+
+def test_mcnemar_chi_square_with_continuity_correction_for_many():
+    a = np.r_[np.ones(30, bool), np.zeros(10, bool), np.ones(50, bool)]
+    b = np.r_[np.zeros(30, bool), np.ones(10, bool), np.ones(50, bool)]
+    r = mcnemar_test(a, b)
+    assert (r["only_a"], r["only_b"], r["exact"], r["n"]) == (30, 10, False, 90)
+    assert r["pvalue"] == pytest.approx(chi2.sf((abs(30 - 10) - 1) ** 2 / 40, 1))
+
+
+def test_mcnemar_without_disagreement_is_p_one():
+    assert mcnemar_test([True, False], [True, False])["pvalue"] == 1.0
+
+
+def test_bootstrap_ci_brackets_the_mean_and_collapses_on_constant_data():
+    rng = np.random.default_rng(0)
+    d = rng.choice([-1.0, 0.0, 1.0], size=400, p=[0.1, 0.6, 0.3])  # mean 0.2, sd ~0.6: se ~0.03
+    low, high = bootstrap_ci([d], np.mean)
+    assert low < d.mean() < high and 0.08 < high - low < 0.16  # about ±1.96 se
+    assert bootstrap_ci([np.zeros(10)], np.mean) == (0.0, 0.0)
+    assert bootstrap_ci([d], np.mean) == (low, high)  # seeded: the same data, the same interval
+
+
+def test_seed_ci_is_students_t_clipped_to_0_1():
+    mean, low, high = seed_ci([0.80, 0.90])
+    assert mean == pytest.approx(0.85)
+    assert low == pytest.approx(0.85 - 12.7062 * 0.05, abs=1e-3) and high == 1.0  # t(0.975, 1 df) = 12.706
+    assert np.isnan(seed_ci([0.8])[1])
+
+
+def _fake_run(root, name, correct, seed, no_clahe=False, arch="cnn", files=None, labels=("a", "b")):
+    "A finished run folder with config.json, metrics.json and predictions.csv: image i right where correct[i]."
+    run = root / name
+    run.mkdir(parents=True)
+    n = len(correct)
+    files = files or [f"/data/img_{i:03d}.png" for i in range(n)]
+    label = [labels[i % 2] for i in range(n)]
+    pred = [lab if ok else labels[1 - labels.index(lab)] for lab, ok in zip(label, correct)]
+    p_b = [(0.8 if p == "b" else 0.2) for p in pred]
+    pd.DataFrame({"file": files, "split": "valid", "label": label, "predicted": pred,
+                  "prob_a": [1 - p for p in p_b], "prob_b": p_b}).to_csv(run / "predictions.csv", index=False)
+    opts = {"arch": arch, "no_clahe": no_clahe, "seed": seed, "out": str(run), "size": 32, "data": None}
+    (run / "config.json").write_text(json.dumps({"options": opts, "data": {"path": "demo"}, "status": "done"}))
+    (run / "metrics.json").write_text(json.dumps({"valid": {"accuracy": float(np.mean(correct)), "n": n}}))
+    return run
+
+
+@pytest.fixture
+def clahe_runs(tmp_path):
+    "2 configurations x 2 seeds on the same 20 images: with CLAHE right on 15 and 16, without it on 12 and 12."
+    root = tmp_path / "sweep"
+    right = lambda k: [i < k for i in range(20)]  # noqa: E731
+    _fake_run(root, "clahe_42", right(15), 42)
+    _fake_run(root, "clahe_43", right(16), 43)
+    _fake_run(root, "none_42", right(12), 42, no_clahe=True)
+    _fake_run(root, "none_43", right(12), 43, no_clahe=True)
+    return root
+
+
+def test_seed_groups_and_their_table(clahe_runs):
+    runs = sorted(clahe_runs.iterdir())
+    groups = seed_groups(runs)
+    assert [[r.name for r in members] for _, members in groups] == [["clahe_42", "clahe_43"], ["none_42", "none_43"]]
+    table = group_table(runs)
+    assert list(table.no_clahe) == [False, True] and list(table.seeds) == [2, 2]
+    assert table.valid_accuracy_mean.tolist() == pytest.approx([0.775, 0.6])
+    assert table.per_seed.tolist() == ["0.750 0.800", "0.600 0.600"]
+
+
+def test_paired_comparison_pairs_by_seed(clahe_runs):
+    a = [clahe_runs / "none_42", clahe_runs / "none_43"]
+    b = [clahe_runs / "clahe_43", clahe_runs / "clahe_42"]  # order does not matter: paired by seed
+    c = paired_comparison(a, b)
+    assert c["accuracy_diff"] == pytest.approx(0.775 - 0.6)
+    low, high = c["accuracy_diff_ci95"]
+    assert 0 < low < 0.175 < high
+    assert [(p["seed"], p["only_b"], p["only_a"]) for p in c["per_seed"]] == [(42, 3, 0), (43, 4, 0)]
+    assert c["same_images_across_seeds"] and c["images"] == [20, 20]
+    # binary: the AUROC difference too; the fake scores are 0.8/0.2 for the predicted class, so AUROC = balanced accuracy
+    assert c["auroc_a"] == pytest.approx(0.6) and c["auroc_b"] == pytest.approx(0.775)
+    assert all(np.isfinite(c["auroc_diff_ci95"])) and c["auroc_diff_ci95"][0] <= c["auroc_diff"] <= c["auroc_diff_ci95"][1]
+    text = format_paired(c)
+    assert "+0.175" in text and "seed 42: 3 right only with clahe_42..." in text
+
+
+def test_paired_by_option_finds_the_one_option_that_differs(clahe_runs):
+    [c] = paired_by_option(sorted(clahe_runs.iterdir()))
+    assert (c["option"], c["a"], c["b"]) == ("no_clahe", False, True)
+    assert c["accuracy_diff"] == pytest.approx(0.6 - 0.775)
+    with pytest.raises(UserError, match="no two configurations differ only in 'arch'.*no_clahe"):
+        paired_by_option(sorted(clahe_runs.iterdir()), option="arch")
+
+
+def test_runs_on_different_images_are_not_paired(tmp_path):
+    a = _fake_run(tmp_path, "a", [True] * 4, 42)
+    b = _fake_run(tmp_path, "b", [True] * 4, 42, no_clahe=True, files=[f"/other/{i}.png" for i in range(4)])
+    with pytest.raises(UserError, match="scored different valid images"):
+        paired_comparison([a], [b])
+
+
+def test_compare_cli_paired(clahe_runs, capsys):
+    from fracture_fastai.compare import main
+    main([str(clahe_runs), "--no-timing", "--paired", str(clahe_runs / "none_42"), str(clahe_runs / "clahe_42")])
+    out = capsys.readouterr().out
+    assert "Configurations over seeds" in out and "clahe_42 vs none_42, valid, 20 images" in out
+    assert "difference +0.150" in out
+    with pytest.raises(SystemExit) as e:
+        main([str(clahe_runs), "--no-timing", "--paired", "arch"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no two configurations differ only in 'arch'; options that vary here: no_clahe"]
