@@ -19,6 +19,9 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 # Optional features: `<name>_requirements = ...` in settings.ini is the extra `<name>` ("_" written "-").
 extras = {key[:-len("_requirements")].replace("_", "-"): value.split() for key, value in cfg.items()
           if key.endswith("_requirements") and key not in ("requirements", "dev_requirements")}
+# `dev`: the test tools and every optional feature, so that the test suite exercises them all; not the DICOM
+# decoder plugins, whose absence the tests check is reported with what to install.
+dev_requirements += sorted({r for name, reqs in extras.items() if name != "dicom-codecs" for r in reqs} - set(dev_requirements))
 readme = here / "README.md"
 
 setuptools.setup(

@@ -1,7 +1,6 @@
 """`python -m fracture_fastai.dataset PATH [--json]`: what the package makes of a dataset, split by split."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from .data import load_table
