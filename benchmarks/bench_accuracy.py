@@ -6,24 +6,17 @@ at most 6 minutes of wall time on a 2-core CPU). Prints measured values and rati
 import argparse
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _runs import timed_run  # benchmarks/_runs.py, beside this script
 
 TARGET_ACCURACY, TARGET_MINUTES = 0.861, 6.0
 
 
 def _one_run(args, extra, seed):
-    cmd = [sys.executable, "-m", "fracture_fastai.run", "--arch", args.arch, "--data", args.data, "--seed", str(seed)]
-    cmd += extra + (["--out", f"{args.out}-seed{seed}" if args.seeds > 1 else args.out] if args.out else [])
-    print("running:", " ".join(cmd), flush=True)
-    start = time.time()
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    minutes = (time.time() - start) / 60
-    if res.returncode:
-        sys.exit(f"run failed with exit code {res.returncode}")
-    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    run_dir, minutes = timed_run(["--arch", args.arch, "--data", args.data, "--seed", seed, *extra]
+                                 + (["--out", f"{args.out}-seed{seed}" if args.seeds > 1 else args.out] if args.out else []))
     valid = json.loads((run_dir / "metrics.json").read_text())["valid"]
     lo, hi = valid["accuracy_ci95"]
     print(f"seed {seed}: validation accuracy {valid['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={valid['n']}), "

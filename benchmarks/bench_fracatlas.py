@@ -10,10 +10,10 @@ takes the last value of an option). Sensitivity at 90 % specificity is the test 
 """
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _runs import timed_run  # benchmarks/_runs.py, beside this script
 
 TARGET_AUROC, TARGET_POINTING_TP, TARGET_MINUTES = 0.90, 0.5, 40.0
 RECIPE = ["--arch", "tf_efficientnet_lite0", "--size", "224", "--balance", "oversample", "--freeze-epochs", "1",
@@ -33,15 +33,7 @@ def main():
     extra = [a for a in extra if a != "--"]
     if not (Path(args.data) / "dataset.csv").exists():
         sys.exit(f"skipped: FracAtlas absent ({args.data} not found; it sits beside the project as ../shared/data)")
-    cmd = [sys.executable, "-m", "fracture_fastai.run", "--data", args.data, *RECIPE, *extra]
-    cmd += ["--out", args.out] if args.out else []
-    print("running:", " ".join(cmd), flush=True)
-    start = time.time()
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    minutes = (time.time() - start) / 60
-    if res.returncode:
-        sys.exit(f"run failed with exit code {res.returncode}")
-    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    run_dir, minutes = timed_run(["--data", args.data, *RECIPE, *extra] + (["--out", args.out] if args.out else []))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     split = "test" if "test" in metrics else "valid"
     b = metrics[split]["binary"]
