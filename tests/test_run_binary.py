@@ -99,3 +99,21 @@ def test_leaderboard_shows_auroc_and_sensitivity(binary_run):
     assert row.operating_point == "sens=0.90"
     md = to_markdown(df)
     assert "test AUROC [95% CI]" in md and "sens=0.90" in md and "Sorted by validation AUROC" in md
+
+
+def test_the_onnx_backend_applies_the_saved_threshold_too(binary_run, tmp_path, capsys):
+    "A fracture model exported to ONNX makes the same calls at the same threshold as through fastai."
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install 'fracture_fastai[onnx]'")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed: pip install 'fracture_fastai[onnx]'")
+    from fracture_fastai.export import main as export
+    from fracture_fastai.predict import main
+    data, out, _ = binary_run
+    images = sorted((data / "images" / "Fractured").iterdir())[:3] + sorted((data / "images" / "Non_fractured").iterdir())[:3]
+    export([str(out), "--onnx"])
+    tables = {}
+    for backend in ("fastai", "onnx"):
+        assert main([str(out), *map(str, images), "--backend", backend, "--csv", str(tmp_path / f"{backend}.csv")]) == 0
+        assert "called 'fractured' from" in capsys.readouterr().err
+        tables[backend] = pd.read_csv(tmp_path / f"{backend}.csv")
+    a, b = tables["fastai"], tables["onnx"]
+    assert list(a["class"]) == list(b["class"]) and (a.probability - b.probability).abs().max() <= 1e-4
