@@ -71,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--bs", type=int, default=32, help="batch size")
     d.add_argument("--balance", choices=["none", "oversample", "weights"], default="none", help="class-imbalance handling")
     d.add_argument("--no-clahe", action="store_true", help="skip CLAHE and the median filter")
-    d.add_argument("--reduce", action=argparse.BooleanOptionalAction, default=True,
+    d.add_argument("--reduce", action=argparse.BooleanOptionalAction, default=False,
                    help="decode and preprocess each radiograph at the smallest power-of-two reduction that still holds "
-                        "--size (JPEG: in the decoder), not at full resolution")
+                        "--size (JPEG: in the decoder), not at full resolution: faster, but measured less accurate")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
     d.add_argument("--dicom-window", default="first", metavar="WHICH",
                    help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
