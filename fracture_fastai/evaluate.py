@@ -151,15 +151,11 @@ def _input_batches(dl):
     if len(type_tfms) != 1 or not isinstance(type_tfms[0], RadiographLoader) or item_tfms:
         yield from dl
         return
-    from concurrent.futures import ThreadPoolExecutor
     loader, files = type_tfms[0], tls[0].items
     dl.after_batch.split_idx = dl.dataset.split_idx  # what iterating `dl` would set
-    # Each batch is read on as many threads as torch computes with (decoding, OpenCV and Pillow release the GIL),
-    # then the model runs on them: the two never compete for the cores, as a prefetching thread did.
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for start in range(0, len(files), dl.bs):
-            xb = TensorImage(torch.stack(list(pool.map(loader.encodes, files[start:start + dl.bs]))))
-            yield dl.after_batch((to_device(xb, dl.device),))
+    for start in range(0, len(files), dl.bs):
+        xb = TensorImage(torch.stack([loader.encodes(f) for f in files[start:start + dl.bs]]))
+        yield dl.after_batch((to_device(xb, dl.device),))
 
 
 def predict_probs(
