@@ -216,6 +216,9 @@ def test_ctrl_c_says_how_to_resume_and_a_finished_run_is_not_resumed(uninterrupt
         res = _cli("fracture_fastai.run", *args)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert json.loads((out / "config.json").read_text()) == config  # a refused resume touches nothing
+    (out / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "images_per_epoch": 1}}))
+    res = _cli("fracture_fastai.run", "--resume", str(out))  # the data it would load differs from the run's
+    assert res.returncode == 2 and "changed since the run started" in res.stderr, res.stderr
 
 
 def test_a_run_killed_in_its_frozen_phase_resumes_there(tmp_path):
