@@ -9,9 +9,13 @@ import json
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .files import atomic_path, write_json
+
+if TYPE_CHECKING:  # for the annotations only: the functions import numpy where they use it
+    import numpy
 
 __all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_description", "read_decision",
            "export_onnx", "OnnxModel", "load_onnx"]
@@ -202,17 +206,17 @@ class OnnxModel:
         self.classes = [str(c) for c in meta["classes"]]
         self.input_name = session.get_inputs()[0].name
 
-    def run(self, x) -> "numpy.ndarray":
+    def run(self, x) -> numpy.ndarray:
         "Probabilities (N x classes) of a normalised float32 N x 3 x H x W batch."
         import numpy as np
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def inputs(self, files) -> "numpy.ndarray":
+    def inputs(self, files) -> numpy.ndarray:
         "The normalised batch of `files`, made as the training pipeline makes it at validation (preprocess.py)."
         from .preprocess import model_input
         return model_input(files, self.meta)
 
-    def predict(self, files) -> "numpy.ndarray":
+    def predict(self, files) -> numpy.ndarray:
         "Probabilities (N x classes) of the images `files`."
         return self.run(self.inputs(files))
 

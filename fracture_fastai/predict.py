@@ -217,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["fastai", "onnx"], default="fastai",
                    help="fastai (default), or onnx: the run's model.onnx (python -m fracture_fastai.export RUN --onnx) "
                         "on onnxruntime, without torch")
+    p.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                   help="another model (run folder, model.json or export.pkl) of the same classes, its class "
+                        "probabilities averaged with MODEL's; repeat for more. Each reads the images at its own size")
     return p
 
 
@@ -227,22 +230,54 @@ def main(argv=None) -> int:
     return _predict_command(args)
 
 
-def _decision(args, classes) -> dict | None:
-    "The binary decision rule to apply: the one saved with the model, its threshold replaced by --threshold if given."
+def _decision(args, classes, models) -> dict | None:
+    """The binary decision rule to apply: the one saved with the model (for an ensemble, the mean of the models'
+    thresholds), its threshold replaced by --threshold if given; None for more than two classes or no saved rule."""
     from .model_io import read_decision
-    decision = read_decision(args.export) if len(classes) == 2 else None
-    if args.threshold is not None:
-        if len(classes) != 2:
+    if len(classes) != 2:
+        if args.threshold is not None:
             raise UserError(f"--threshold is for binary models; this one has {len(classes)} classes ({', '.join(classes)})")
-        if decision is None:  # an export without its model.json: the positive class by name, as the run found it
-            from .binary import positive_class
-            decision = {"positive": positive_class(classes)}
-        decision = {**decision, "threshold": args.threshold, "source": "--threshold"}
-    if decision is not None:
-        print(f"binary model: probability of {decision['positive']!r}, called {decision['positive']!r} from "
-              f"{decision['threshold']:.4f} on ({decision.get('source', 'the threshold saved with the model')})",
-              file=sys.stderr)
+        return None
+    saved = [read_decision(m) for m in models]
+    positives = sorted({d["positive"] for d in saved if d})
+    if len(positives) > 1:
+        raise UserError(f"the models disagree on the positive class ({', '.join(positives)}); ensemble models of one task")
+    if args.threshold is not None:
+        from .binary import positive_class  # without a saved rule: the positive class by name, as the run found it
+        decision = {"positive": positives[0] if positives else positive_class(classes), "threshold": args.threshold,
+                    "source": "--threshold"}
+    elif all(saved):
+        decision = saved[0] if len(saved) == 1 else {
+            "positive": positives[0], "threshold": sum(d["threshold"] for d in saved) / len(saved),
+            "source": f"the mean of the {len(saved)} models' saved thresholds"}
+    elif any(saved):
+        missing = ", ".join(str(m) for m, d in zip(models, saved) if d is None)
+        raise UserError(f"{missing}: no saved threshold (no model.json beside it); pass --threshold T for the ensemble")
+    else:
+        return None  # an export without its model.json: the most probable class
+    print(f"binary model: probability of {decision['positive']!r}, called {decision['positive']!r} from "
+          f"{decision['threshold']:.4f} on ({decision.get('source', 'the threshold saved with the model')})",
+          file=sys.stderr)
     return decision
+
+
+def average_tables(tables, classes) -> tuple:
+    """`(files, probs)`: the mean of the per-class probability columns of prediction `tables` (as `predict_files`
+    gives them), over the files that every table holds, in the first table's order."""
+    import numpy as np
+    common = set.intersection(*(set(t.file) for t in tables))
+    files = [f for f in tables[0].file if f in common]
+    probs = np.mean([t.set_index("file").loc[files, classes].to_numpy(dtype=np.float64) for t in tables], axis=0)
+    return files, probs.astype(np.float32).reshape(len(files), len(classes))
+
+
+def _same_classes(models, vocabs) -> list:
+    "The classes that every model of an ensemble shares, in order; a `UserError` where they differ."
+    for m, v in zip(models[1:], vocabs[1:]):
+        if v != vocabs[0]:
+            raise UserError(f"{m} predicts {', '.join(v)} but {models[0]} predicts {', '.join(vocabs[0])}; "
+                            "an ensemble needs models of the same classes")
+    return vocabs[0]
 
 
 def _predict_command(args) -> int:
@@ -257,16 +292,23 @@ def _predict_command(args) -> int:
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
+    models = [args.export, *args.ensemble]
     if args.backend == "onnx":
         if args.tta != "none": raise UserError("--tta runs through fastai; leave it out with --backend onnx")
         from .model_io import load_onnx
-        model = load_onnx(args.export)
-        table, failures = predict_files_onnx(model, files, bs=args.bs, decision=_decision(args, model.classes))
+        loaded = [load_onnx(m) for m in models]
+        classes = _same_classes(models, [list(m.classes) for m in loaded])
+        def one(m): return predict_files_onnx(m, files, bs=args.bs)
     else:
         from .model_io import load_any
-        learn = load_any(args.export)
-        decision = _decision(args, [str(c) for c in learn.dls.vocab])
-        table, failures = predict_files(learn, files, bs=args.bs, tta=args.tta, decision=decision)
+        loaded = [load_any(m) for m in models]
+        classes = _same_classes(models, [[str(c) for c in learn.dls.vocab] for learn in loaded])
+        def one(learn): return predict_files(learn, files, bs=args.bs, tta=args.tta)
+    decision = _decision(args, classes, models)
+    results = [one(m) for m in loaded]
+    failures = list({f: reason for _, fails in results for f, reason in fails}.items())  # failed by any model
+    done, probs = average_tables([t for t, _ in results], classes)
+    table = _table(done, probs, classes, decision)
     for f, reason in failures:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     if csv is not None:

@@ -17,6 +17,17 @@ __all__ = ["main", "parse_args", "run", "new_run_dir"]
 SIZE = 192  # measured on the YOLO export: 0.879 validation accuracy in 8 epochs, vs 0.827-0.838 at 160 px in 10-14
 DEMO_SIZE = 128  # the demo's images are small and synthetic: no need for more there
 
+# Named recipes: option defaults that `--recipe NAME` puts in place; options given explicitly still win.
+# `fast` is the defaults themselves. What each was measured to do is in the README's "Recipes" section.
+RECIPES = {
+    "fast": {},
+}
+
+
+def recipe_options(name: str) -> str:
+    "The options that recipe `name` sets, as a command line would give them."
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES[name].items())
+
 
 def _archs():
     from .models import list_archs
@@ -43,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last epoch's checkpoint, with the options it started with")
+    p.add_argument("--recipe", choices=list(RECIPES), default="fast",
+                   help="named set of option defaults: " + "; ".join(
+                       f"{name}: {recipe_options(name) or 'the defaults'}" for name in RECIPES) + ". Options given explicitly win")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=8, help="epochs of the main phase")
     g.add_argument("--freeze-epochs", type=int, default=1, help="head-only epochs first (pretrained archs)")
@@ -102,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--track-uri", default=None, help="MLflow tracking URI, or a folder for a local store; default: ./mlruns")
     t.add_argument("--track-experiment", default="fracture_fastai", help="MLflow experiment the run goes to")
     args = p.parse_args(argv)
+    if args.resume is None and RECIPES[args.recipe]:  # the recipe's values as defaults: explicit options still win
+        p.set_defaults(**RECIPES[args.recipe])
+        args = p.parse_args(argv)
     if args.resume is not None:
         given = sorted(k for k, v in vars(args).items() if k != "resume" and v != p.get_default(k))
         if given:

@@ -16,7 +16,8 @@ import pandas as pd
 from .errors import UserError
 
 __all__ = ["NOT_CONFIG", "mcnemar_test", "bootstrap_ci", "seed_ci", "run_options", "seed_groups", "group_table",
-           "differing_options", "paired_comparison", "paired_by_option", "format_paired"]
+           "differing_options", "paired_comparison", "paired_by_option", "format_paired", "run_probabilities",
+           "ensemble_accuracy", "suspect_labels"]
 
 # Options that say where or how fast a run went, not what it computed: runs differing only in these (and the seed)
 # are repeats of one configuration.
@@ -257,3 +258,43 @@ def format_paired(c: dict) -> str:
                       f"p={p['pvalue']:.3g}{' (exact)' if p['exact'] else ''}" for p in c["per_seed"])
     lines.append(f"  McNemar per seed pair: {tests}")
     return "\n".join(lines)
+
+
+def run_probabilities(
+    runs,  # run folders scored on the same images (e.g. one configuration under several seeds)
+    split: str = "valid",
+) -> tuple:
+    "`(labels, classes, probs)`: the images' labels (a Series by file), the classes, and one files x classes array per run."
+    tables = [_predictions(r, split) for r in map(Path, runs)]
+    files = tables[0].index
+    for run, t in zip(runs[1:], tables[1:]):
+        if not t.index.sort_values().equals(files.sort_values()):
+            raise UserError(f"{run} scored other {split} images than {runs[0]}; use runs made on the same data")
+    cols = [c for c in tables[0].columns if c.startswith("prob_")]
+    return tables[0].label.astype(str), [c[len("prob_"):] for c in cols], [t.loc[files, cols].to_numpy(float) for t in tables]
+
+
+def ensemble_accuracy(runs, split: str = "valid") -> float:
+    "Accuracy of the runs' mean class probabilities on `split`: what `predict --ensemble` of their models scores there."
+    labels, classes, probs = run_probabilities(runs, split)
+    return float((np.asarray(classes)[np.mean(probs, axis=0).argmax(1)] == labels.to_numpy()).mean())
+
+
+def suspect_labels(
+    runs,  # run folders scored on the same images: several seeds (or folds) of one configuration
+    split: str = "valid",
+    max_label_prob: float = 0.1,  # at most this mean probability for the given label
+) -> pd.DataFrame:
+    """Likely mislabels for a person to review: images that every run calls another class than their label, with a
+    mean probability of the label of at most `max_label_prob`. Most confident disagreement first; nothing is dropped."""
+    labels, classes, probs = run_probabilities(runs, split)
+    mean = np.mean(probs, axis=0)
+    col = {c: i for i, c in enumerate(classes)}
+    label_idx = np.array([col.get(lab, -1) for lab in labels])
+    p_label = np.where(label_idx >= 0, mean[np.arange(len(mean)), label_idx.clip(0)], 0.0)
+    every_run_disagrees = np.all([p.argmax(1) != label_idx for p in probs], axis=0)
+    rows = every_run_disagrees & (p_label <= max_label_prob)
+    out = pd.DataFrame({"file": labels.index[rows], "label": labels.to_numpy()[rows],
+                        "called": np.asarray(classes)[mean[rows].argmax(1)], "p_label": p_label[rows],
+                        "p_called": mean[rows].max(1), "runs": len(probs)})
+    return out.sort_values("p_label", kind="stable").reset_index(drop=True)

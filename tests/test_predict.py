@@ -171,3 +171,32 @@ def test_random_bytes_as_weights_get_our_message(tmp_path):
     with pytest.raises(WeightsError) as err:
         resolve_weights("resnet18", weights=junk).state_dict()
     assert "not a state_dict saved with torch.save" in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_an_ensemble_averages_its_models_probabilities(export, tmp_path, capsys):
+    "`--ensemble` averages the class probabilities of the models, image by image, and calls the most probable class."
+    import pandas as pd
+    path, good, _ = export
+    other = load_export(path)
+    with torch.no_grad():
+        other.model[-1].bias += torch.tensor([2.0, 0.0, -2.0])  # a second model that disagrees with the first
+    other.export(tmp_path / "other.pkl")
+    tables = {}
+    for name, args in (("a", [str(path)]), ("b", [str(tmp_path / "other.pkl")]),
+                       ("ab", [str(path), "--ensemble", str(tmp_path / "other.pkl")])):
+        assert main([*args, str(good), "--csv", str(tmp_path / f"{name}.csv")]) == 0
+        tables[name] = pd.read_csv(tmp_path / f"{name}.csv")
+    a, b, ab = (tables[k] for k in ("a", "b", "ab"))
+    assert list(ab.file) == list(a.file) and len(ab) == 6
+    mean = (a[CLASSES] + b[CLASSES]) / 2
+    assert np.allclose(ab[CLASSES], mean, atol=2e-6)
+    assert list(ab["class"]) == [CLASSES[i] for i in mean.to_numpy().argmax(1)]
+    assert not np.allclose(a[CLASSES], b[CLASSES], atol=1e-3)  # the two models do differ
+
+
+def test_an_ensemble_of_models_with_other_classes_is_refused(export, tiny_run, capsys):
+    path, good, _ = export
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(good), "--ensemble", str(tiny_run[0])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "same classes" in err and len(err.splitlines()) == 1

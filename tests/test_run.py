@@ -110,6 +110,17 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert not (tmp_path / "never").exists()  # no empty run folder left behind
 
 
+def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
+    from fracture_fastai import run
+    assert run.parse_args([]).recipe == "fast" and run.RECIPES["fast"] == {}  # fast: the defaults themselves
+    monkeypatch.setitem(run.RECIPES, "wide", {"size": 256, "epochs": 12, "label_smoothing": 0.1})
+    args = run.parse_args(["--recipe", "wide"])
+    assert (args.size, args.epochs, args.label_smoothing, args.bs) == (256, 12, 0.1, 32)
+    args = run.parse_args(["--epochs", "3", "--recipe", "wide"])  # given explicitly, wherever on the line: wins
+    assert (args.size, args.epochs) == (256, 3)
+    assert "--size 256 --epochs 12 --label-smoothing 0.1" in run.recipe_options("wide")
+
+
 def test_help_lists_the_architectures():
     res = _cli("fracture_fastai.run", "--help")
     from fracture_fastai.models import list_archs

@@ -127,3 +127,40 @@ def test_compare_cli_paired(clahe_runs, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: no two configurations differ only in 'arch'; options that vary here: no_clahe"]
+
+
+def _prob_run(root, name, labels, probs, classes=("a", "b", "c")):
+    "A run folder holding only predictions.csv: `probs` rows (one per image) for `labels`."
+    run = root / name
+    run.mkdir()
+    probs = np.asarray(probs, float)
+    df = pd.DataFrame({"file": [f"/d/{i}.png" for i in range(len(labels))], "split": "valid", "label": labels,
+                       "predicted": [classes[i] for i in probs.argmax(1)]})
+    for j, c in enumerate(classes): df[f"prob_{c}"] = probs[:, j]
+    df.to_csv(run / "predictions.csv", index=False)
+    return run
+
+
+def test_the_ensemble_of_runs_scores_their_mean_probabilities(tmp_path):
+    from fracture_fastai.stats import ensemble_accuracy
+    labels = ["a", "b", "c", "a"]
+    # Run 1 gets images 0, 1 right; run 2 gets 0, 2 right; averaged: 0, 1, 2 right (image 1: 0.55 vs 0.45 for b).
+    r1 = _prob_run(tmp_path, "r1", labels, [[.9, .1, 0], [.1, .8, .1], [.6, 0, .4], [0, .9, .1]])
+    r2 = _prob_run(tmp_path, "r2", labels, [[.9, .1, 0], [.6, .3, .1], [0, .1, .9], [0, .9, .1]])
+    assert ensemble_accuracy([r1]) == 0.5 and ensemble_accuracy([r2]) == 0.5
+    assert ensemble_accuracy([r1, r2]) == 0.75
+
+
+def test_suspect_labels_lists_confident_disagreement_of_every_run(tmp_path):
+    from fracture_fastai.stats import suspect_labels
+    labels = ["a", "b", "c", "a"]
+    # Image 1 (b): both runs say c with p(b) <= 0.05: suspect. Image 2 (c): both wrong, but p(c) 0.3 on average: not
+    # confident. Image 3 (a): one run right: not suspect.
+    r1 = _prob_run(tmp_path, "r1", labels, [[.9, .1, 0], [0, .05, .95], [.7, 0, .3], [.1, .9, 0]])
+    r2 = _prob_run(tmp_path, "r2", labels, [[.9, .1, 0], [.1, .03, .87], [.7, 0, .3], [.9, .1, 0]])
+    s = suspect_labels([r1, r2])
+    assert s.file.tolist() == ["/d/1.png"] and s.called.tolist() == ["c"] and s.p_label[0] == pytest.approx(0.04)
+    assert len(suspect_labels([r1, r2], max_label_prob=0.5)) == 2  # image 2 joins when the bar is loosened
+    r3 = _prob_run(tmp_path, "r3", labels[:3], [[1, 0, 0]] * 3)
+    with pytest.raises(UserError, match="other valid images"):
+        suspect_labels([r1, r3])
