@@ -17,7 +17,7 @@ from .sources import (IMAGE_EXTS, REGIONS, SPLITS, DataTable, group_of, grouped_
 
 __all__ = ["DataError", "DataTable", "IMAGE_EXTS", "image_files", "SPLITS", "REGIONS", "region_of", "group_of", "read_yolo",
            "read_folders", "read_csv", "read_fracatlas", "load_table", "image_problem", "drop_unreadable", "grouped_split",
-           "stratified_split", "sample_per_class", "class_weights", "save_batch",
+           "stratified_split", "sample_per_class", "class_weights", "save_batch", "crop_views",
            "radiograph_dataloaders", "BALANCE", "COPIES", "default_workers", "RadiographDL"]
 
 BALANCE = ("none", "oversample", "weights")
@@ -206,6 +206,7 @@ def radiograph_dataloaders(
     device=None,  # None: fastai's default (CUDA when available)
     copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
     cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
+    crops: bool = False,  # add `crop_views` of the training images: close-ups of each annotated fracture
     **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window, reduce for the RadiographLoader
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
@@ -220,6 +221,11 @@ def radiograph_dataloaders(
         raise DataError(f"copies must be one of {', '.join(COPIES)}; got {copies!r}")
     df = table.df
     items = df[df.split.isin(["train", "valid"])].reset_index(drop=True)
+    if crops:
+        views = crop_views(items[items.split == "train"], seed=seed) if "polygons" in items else items.iloc[:0]
+        if not len(views):
+            raise DataError("crops need fracture annotations (polygons or boxes) on training images; this data has none")
+        items = pd.concat([items, views], ignore_index=True)
     for split in ("train", "valid"):
         if not (items.split == split).any():
             raise DataError(f"the data has no {split} images; check the dataset's splits")
@@ -268,6 +274,69 @@ def radiograph_dataloaders(
             raise DataError(f"test class(es) {unknown} never occur in train; the model cannot predict them")
         dls.loaders.append(dls.test_dl(test.reset_index(drop=True), with_labels=True))
     return dls
+
+
+def _polygon_box(polygons) -> tuple | None:
+    "(x0, y0, x1, y1): the box around every point of `polygons` (shares of the image), or None without points."
+    points = [pt for poly in polygons if isinstance(poly, (list, tuple, np.ndarray)) for pt in poly]
+    if not points: return None
+    xs, ys = np.clip([pt[0] for pt in points], 0, 1), np.clip([pt[1] for pt in points], 0, 1)
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+def _square_crop(cx: float, cy: float, side: float, aspect: float) -> tuple:
+    "A crop `side` (a share of the image's shorter side) square in pixels, centred on (cx, cy), moved inside the image."
+    # aspect = width / height of the image: a square of `side` * shorter side is (sw, sh) in shares of (width, height)
+    sw, sh = (side / aspect, side) if aspect >= 1 else (side, side * aspect)
+    sw, sh = min(sw, 1.0), min(sh, 1.0)
+    x0, y0 = min(max(cx - sw / 2, 0.0), 1.0 - sw), min(max(cy - sh / 2, 0.0), 1.0 - sh)
+    return x0, y0, x0 + sw, y0 + sh
+
+
+def _bright_point(path, rng, side: int = 64) -> tuple:
+    "A random point (shares of width and height) among the brightest quarter of the radiograph: bone, not background."
+    from .preprocess import read_radiograph, reduce_radiograph
+    pixels, _ = read_radiograph(path, reduce_to=side)
+    small = reduce_radiograph(pixels, side).astype(np.float32)
+    small = small.mean(axis=2) if small.ndim == 3 else small
+    ys, xs = np.nonzero(small >= np.quantile(small, 0.75))
+    k = int(rng.integers(len(ys)))
+    return (xs[k] + 0.5) / small.shape[1], (ys[k] + 0.5) / small.shape[0]
+
+
+def crop_views(
+    train: pd.DataFrame,  # training rows of a table: file, label, group, polygons (shares of the image)
+    seed: int = 42,
+    context: float = 3.0,  # the crop's side as a multiple of the annotation box's longer side
+    min_side: float = 0.25,  # and at least this share of the image's shorter side
+) -> pd.DataFrame:
+    """Extra training views that show the fracture close up: for each annotated image, a square crop around its
+    annotation (fracture boxes or polygons) with the image's label; and, where some training images carry no
+    annotation (FracAtlas's normal ones), as many crops of the same sizes at random places of those, with their labels,
+    so that a close-up alone does not tell the class. Each view is one more row (its file a `RadiographView`), in a
+    group of its own per source radiograph; the validation and test images are never cropped."""
+    from .preprocess import image_size
+    from .transforms import RadiographView
+    rng = np.random.default_rng(seed)
+    records = train.to_dict("records")
+    boxes = [_polygon_box(r["polygons"]) if isinstance(r["polygons"], (list, tuple, np.ndarray)) else None for r in records]
+    plain = [r for r, box in zip(records, boxes) if box is None]
+    rows, sides = [], []
+    for r, box in zip(records, boxes):
+        if box is None: continue
+        x0, y0, x1, y1 = box
+        w, h = image_size(r["file"])
+        side = min(max(context * max((x1 - x0) * w, (y1 - y0) * h) / min(w, h), min_side), 1.0)  # shares of the shorter side
+        sides.append(side)
+        rows.append({**r, "file": RadiographView(r["file"], _square_crop((x0 + x1) / 2, (y0 + y1) / 2, side, w / h)),
+                     "group": f"{r['group']}#crop", "polygons": []})
+    for i, side in enumerate(sides if plain else []):  # as many close-ups of unannotated images, of the same sizes
+        r = plain[int(rng.integers(len(plain)))]
+        w, h = image_size(r["file"])
+        cx, cy = _bright_point(r["file"], rng)
+        rows.append({**r, "file": RadiographView(r["file"], _square_crop(cx, cy, side, w / h)),
+                     "group": f"{r['group']}#crop{i}", "polygons": []})
+    return pd.DataFrame(rows, columns=train.columns)
 
 
 def save_batch(dls, path, max_n: int = 9, split: int = 0) -> Path:

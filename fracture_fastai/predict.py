@@ -305,6 +305,10 @@ def _predict_command(args) -> int:
         classes = _same_classes(models, [[str(c) for c in learn.dls.vocab] for learn in loaded])
         def one(learn): return predict_files(learn, files, bs=args.bs, tta=args.tta)
     decision = _decision(args, classes, models)
+    import os
+    if os.environ.get("FF_GC_FREEZE"):
+        import gc
+        gc.freeze()
     results = [one(m) for m in loaded]
     failures = list({f: reason for _, fails in results for f, reason in fails}.items())  # failed by any model
     done, probs = average_tables([t for t, _ in results], classes)

@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode and preprocess each radiograph at the smallest power-of-two reduction that still holds "
                         "--size (JPEG: in the decoder), not at full resolution: faster, but measured less accurate")
     d.add_argument("--flip-vert", action="store_true", help="add vertical flips to the augmentation")
+    d.add_argument("--crops", action="store_true",
+                   help="add close-ups of each annotated fracture to the training images (and as many of unannotated "
+                        "images, where there are some): the fracture boxes or polygons as supervision")
     d.add_argument("--dicom-window", default="first", metavar="WHICH",
                    help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
                         "window), or the index of another window")
@@ -354,7 +357,7 @@ def run(
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache,
-                                     dicom_window=args.dicom_window, reduce=args.reduce)
+                                     dicom_window=args.dicom_window, reduce=args.reduce, crops=args.crops)
     if len(dls.vocab) == 2:  # checked here, after the data and before any training: a typo costs seconds
         from .binary import positive_class
         args.positive = positive_class(dls.vocab, args.positive)

@@ -18,8 +18,8 @@ from .errors import UserError
 from .preprocess import (DENOISE, _check_params, _open_radiograph, _pil_to_array, _preprocess_gray,  # noqa: F401
                          _to_gray, _window_to_uint8, pad_resize, preprocess_radiograph, read_radiograph)
 
-__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographLoader", "find_loader",
-           "radiograph_item_tfms", "radiograph_aug_transforms"]
+__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographView", "RadiographLoader",
+           "find_loader", "radiograph_item_tfms", "radiograph_aug_transforms"]
 
 class RadiographPreprocess(DisplayedTransform):
     "Item transform: `preprocess_radiograph` on a `PILImage` of any mode (8/16-bit gray, RGB, RGBA, palette), giving an RGB `PILImage`."
@@ -44,6 +44,27 @@ class RadiographImage(PILImage):
     "A `PILImage` opened in the file's own mode, so 16-bit radiographs reach `RadiographPreprocess` with all their bits."
     # fastai's PILImage opens with mode='RGB', which drops a 16-bit PNG to 8 bits by clipping (not scaling) at 255.
     _open_args = {'mode': None}
+
+
+class RadiographView(str):
+    "A radiograph's path with the part of it to show: `crop` = (x0, y0, x1, y1) as shares of its width and height."
+    crop: tuple
+
+    def __new__(cls, path, crop):
+        view = super().__new__(cls, str(path))
+        view.crop = tuple(float(v) for v in crop)
+        if not 0 <= view.crop[0] < view.crop[2] <= 1 or not 0 <= view.crop[1] < view.crop[3] <= 1:
+            raise UserError(f"crop must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {crop}")
+        return view
+
+    def __reduce__(self): return (RadiographView, (str(self), self.crop))  # DataLoader workers get the crop too
+
+    def cut(self, pixels: np.ndarray) -> np.ndarray:
+        "`pixels` (the whole decoded radiograph, HxW[xC]) cut to the crop, at least one pixel each way."
+        h, w = pixels.shape[:2]
+        x0, y0, x1, y1 = self.crop
+        left, top = min(int(x0 * w), w - 1), min(int(y0 * h), h - 1)
+        return pixels[top:max(int(round(y1 * h)), top + 1), left:max(int(round(x1 * w)), left + 1)]
 
 
 class RadiographLoader(DisplayedTransform):
@@ -81,10 +102,11 @@ class RadiographLoader(DisplayedTransform):
                 f"pillow={PIL.__version__}" + ("" if self.dicom_window == "first" else f" dicom_window={self.dicom_window}")
                 + (" reduce" if self.reduce else ""))
 
-    def _gray(self, source, dicom: bool | None = None) -> np.ndarray:
+    def _gray(self, source, dicom: bool | None = None, crop: RadiographView | None = None) -> np.ndarray:
         "The preprocessed, resized radiograph as one uint8 HxW channel."
         pre = self.preprocess
         pixels, value_range = read_radiograph(source, self.dicom_window, dicom, max(self.resize.size) if self.reduce else None)
+        if crop is not None: pixels = crop.cut(pixels)  # then windowed, filtered and resized as a radiograph of its own
         gray = _preprocess_gray(pixels, pre.clahe_clip, pre.clahe_grid, pre.median, pre.denoise, value_range)
         # Resized as one gray channel: the same pixels as the RGB copy that RadiographPreprocess gives, a third of
         # the work. pad_resize is `self.resize` at validation (centred), the deterministic choice, without a PIL
@@ -92,13 +114,14 @@ class RadiographLoader(DisplayedTransform):
         return np.array(pad_resize(gray, tuple(self.resize.size[::-1])))  # a writable copy, for torch
 
     def encodes(self, fn) -> TensorImage:
-        if self.cache is None: gray = self._gray(fn)
+        crop = fn if isinstance(fn, RadiographView) else None
+        if self.cache is None: gray = self._gray(fn, crop=crop)
         else:
             data = open(fn, "rb").read()
-            key = self.cache.key(data, self.signature)
+            key = self.cache.key(data, self.signature + ("" if crop is None else f" crop={crop.crop}"))
             gray = self.cache.get(key)
             if gray is None:
-                gray = self._gray(data, is_dicom(fn))  # decided on the path: a DICOM without preamble has no mark
+                gray = self._gray(data, is_dicom(fn), crop)  # decided on the path: a DICOM without preamble has no mark
                 self.cache.put(key, gray)
         # Straight to the uint8 CHW tensor that ToTensor would make of the RGB image: no PIL round trip.
         return TensorImage(torch.from_numpy(gray).unsqueeze(0).repeat(3, 1, 1))
