@@ -194,15 +194,22 @@ def main(argv=None):
     import torch
     from fracture_fastai.data import load_table, sample_per_class
     from fracture_fastai.cache import PreprocessCache
+    from fracture_fastai.runtime import tune_malloc
+    # The allocator and collector as the command lines set them (fracture_fastai/runtime.py): the model alone and
+    # the plain forward are measured under the same process settings as the run and predict they are compared with.
+    malloc_tuned = tune_malloc()
 
     table = load_table(args.data)
     if args.quick: table.df = sample_per_class(table.df, 40, seed=42)
-    res = {"arch": args.arch, "size": args.size, "bs": args.bs, "quick": args.quick, "threads": torch.get_num_threads()}
+    res = {"arch": args.arch, "size": args.size, "bs": args.bs, "quick": args.quick, "threads": torch.get_num_threads(),
+           "malloc_tuned": malloc_tuned}
     res.update(measure_pipeline(args, table))
     cache = PreprocessCache(tempfile.mkdtemp(prefix="bench-cache-"))
     dls = _dls(args, table, cache)
     _epoch_seconds(dls.train); _epoch_seconds(dls.valid)  # fill the cache: the steady state is what a run sees after its first epoch
     learn = _learner(args, dls)
+    import gc
+    gc.freeze()  # what run and predict do once everything is loaded (runtime.frozen_gc)
     from fracture_fastai.train import precision_of
     res["precision"] = precision_of(learn)
     res["model_img_s"] = measure_model(learn, 4 if args.quick else 12)

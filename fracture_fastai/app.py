@@ -129,6 +129,8 @@ def _parser():
 @cli_errors
 def main(argv=None) -> int:
     "Command line: build the page and serve it until interrupted."
+    from .runtime import tune_malloc
+    tune_malloc()
     args = _parser().parse_args(argv)
     if not 0 < args.port < 65536: raise UserError(f"--port must be 1..65535; got {args.port}")
     run = Path(args.run)

@@ -226,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv=None) -> int:
     "Command line: predict, print or write the table, report failures; returns the exit code."
+    from .runtime import tune_malloc
+    tune_malloc()
     args = _parser().parse_args(argv)
     return _predict_command(args)
 
@@ -305,11 +307,9 @@ def _predict_command(args) -> int:
         classes = _same_classes(models, [[str(c) for c in learn.dls.vocab] for learn in loaded])
         def one(learn): return predict_files(learn, files, bs=args.bs, tta=args.tta)
     decision = _decision(args, classes, models)
-    import os
-    if os.environ.get("FF_GC_FREEZE"):
-        import gc
-        gc.freeze()
-    results = [one(m) for m in loaded]
+    from .runtime import frozen_gc
+    with frozen_gc():  # the libraries and models loaded are not walked by every full collection while predicting
+        results = [one(m) for m in loaded]
     failures = list({f: reason for _, fails in results for f, reason in fails}.items())  # failed by any model
     done, probs = average_tables([t for t, _ in results], classes)
     table = _table(done, probs, classes, decision)

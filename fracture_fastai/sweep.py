@@ -365,6 +365,8 @@ def sweep_report(sweep_dir, split: str = "valid") -> str:
 
 @cli_errors
 def main(argv=None):
+    from .runtime import tune_malloc
+    tune_malloc()
     sweep_dir = run_sweep(argv)
     args = _parser().parse_known_args(argv)[0]
     print(sweep_report(sweep_dir, args.split))
