@@ -312,8 +312,8 @@ def crop_views(
 ) -> pd.DataFrame:
     """Extra training views that show the fracture close up: for each annotated image, a square crop around its
     annotation (fracture boxes or polygons) with the image's label; and, where some training images carry no
-    annotation (FracAtlas's normal ones), as many crops of the same sizes at random places of those, with their labels,
-    so that a close-up alone does not tell the class. Each view is one more row (its file a `RadiographView`), in a
+    annotation (FracAtlas's normal ones), as many crops of the same sizes at random bright (bone) places of those,
+    with their labels, so that a close-up alone does not tell the class. Each view is one more row (its file a `RadiographView`), in a
     group of its own per source radiograph; the validation and test images are never cropped."""
     from .preprocess import image_size
     from .transforms import RadiographView
