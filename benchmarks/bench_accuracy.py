@@ -67,13 +67,16 @@ def main():
     print(f"accuracy / speed issue's floor 0.861: {mean / 0.861:.3f}")
     print(f"slowest run {minutes:.2f} min; time / target {TARGET_MINUTES:.0f} min: {minutes / TARGET_MINUTES:.3f}")
     if len(runs) > 1:
-        print(f"the {len(runs)} seeds' models as one ensemble (predict --ensemble): validation accuracy "
-              f"{ensemble_accuracy(runs):.4f}")
-        suspects = suspect_labels(runs)
+        from fracture_fastai.errors import UserError
+        try:
+            ensemble, suspects = ensemble_accuracy(runs), suspect_labels(runs)
+        except UserError as e:  # e.g. --sample draws other images for each seed: nothing to put together
+            print(f"no ensemble or suspect labels: {e}")
+            return
+        print(f"the {len(runs)} seeds' models as one ensemble (predict --ensemble): validation accuracy {ensemble:.4f}")
         suspects.to_csv(runs[0] / "suspect_labels.csv", index=False)
         print(f"{len(suspects)} validation image(s) every seed confidently calls another class than their label: "
               f"{runs[0] / 'suspect_labels.csv'}")
-
 
 if __name__ == "__main__":
     main()
