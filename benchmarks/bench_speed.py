@@ -107,6 +107,20 @@ def _timed_cli(*cmd) -> float:
     return time.perf_counter() - start
 
 
+def _predict_cli(model, files, bs: int, *options) -> tuple:
+    """`(images/s, seconds of a one-image run)` of `python -m fracture_fastai.predict MODEL FILES OPTIONS`: throughput
+    from the difference of two whole runs (`bs` and all `files` images), the fastest of three each."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-predict-csv-"))
+    def cli(n): return _timed_cli("fracture_fastai.predict", str(model), *map(str, files[:n]), *options,
+                                  "--csv", str(folder / f"{n}.csv"), "--bs", str(bs))
+    one = cli(1)
+    # A process's wall time varies by a few tenths of a second from run to run, hence the fastest of three.
+    batch, full = min(cli(bs) for _ in range(3)), min(cli(len(files)) for _ in range(3))
+    # Process start, loading the model and the first batch's one-off costs (kernel selection for that shape)
+    # cancel out in the difference; they are reported as the one-image run.
+    return (len(files) - bs) / max(full - batch, 1e-9), one
+
+
 def measure_predict(learn, files, bs: int = 16) -> dict:
     "`python -m fracture_fastai.predict` on 1, `bs` and all `files`, against a plain forward of the model predict loads."
     import torch
@@ -114,14 +128,7 @@ def measure_predict(learn, files, bs: int = 16) -> dict:
     from fracture_fastai.train import export_learner
     folder = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     export = export_learner(learn, folder / "export.pkl")
-    def cli(n): return _timed_cli("fracture_fastai.predict", str(export), *map(str, files[:n]), "--csv",
-                                  str(folder / f"{n}.csv"), "--bs", str(bs))
-    # The fastest of three runs each: a process's wall time varies by a few tenths of a second from run to run.
-    one = cli(1)
-    batch, full = min(cli(bs) for _ in range(3)), min(cli(len(files)) for _ in range(3))
-    # Throughput from the difference of two whole runs: process start, loading the export and the first batch's
-    # one-off costs (kernel selection for that shape) cancel out; they are reported as the one-image run.
-    predict_img_s = (len(files) - bs) / max(full - batch, 1e-9)
+    predict_img_s, one = _predict_cli(export, files, bs)
     # The model as predict loads it (load_export), the same images already as plain tensors, a no_grad forward.
     exported = load_export(export)
     dl = exported.dls.test_dl([str(f) for f in files], bs=bs)
@@ -156,10 +163,7 @@ def measure_onnx(learn, files, bs: int = 16) -> dict:
     start = time.perf_counter()
     for xb in batches: model.run(xb)
     onnx_img_s = len(files) / (time.perf_counter() - start)
-    def cli(n): return _timed_cli("fracture_fastai.predict", str(folder), *map(str, files[:n]), "--backend", "onnx",
-                                  "--csv", str(folder / f"{n}.csv"), "--bs", str(bs))
-    batch, full = min(cli(bs) for _ in range(3)), min(cli(len(files)) for _ in range(3))
-    return {"onnx_img_s": onnx_img_s, "predict_onnx_img_s": (len(files) - bs) / max(full - batch, 1e-9)}
+    return {"onnx_img_s": onnx_img_s, "predict_onnx_img_s": _predict_cli(folder, files, bs, "--backend", "onnx")[0]}
 
 
 def measure_phases(args, extra) -> dict:
