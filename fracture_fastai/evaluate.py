@@ -162,6 +162,7 @@ def predict_probs(
     learn,  # a Learner for single-label classification
     dl,  # a DataLoader of its inputs, labelled or not
     tta: str = "none",  # 'none', 'flip' (each image and its mirror) or 'aug' (fastai's `learn.tta`)
+    model=None,  # the module to run; None: `learn.model` with its batch norms folded (`fold_batchnorm`) at the first batch
 ) -> tuple:
     "`(probs, targets)`: class probabilities of every item of `dl` (targets None when it has no labels), in order."
     import torch
@@ -170,9 +171,11 @@ def predict_probs(
         import fastai.callback.progress  # noqa: F401  (Learner.no_bar, for a Learner that did not come through load_export)
         with learn.no_logging(), learn.no_bar(), _seeded(TTA_SEED):
             return learn.tta(dl=dl)
+    from .models import fold_batchnorm
     activation = getattr(learn.loss_func, "activation", None) or (lambda o: o.softmax(dim=-1))
     dl = _without_identity_warps(dl)
-    model = learn.model.eval()
+    fold = model is None
+    model = learn.model.eval() if fold else model
     probs, targets = [], []
     # A plain loop, not get_preds: no callbacks, recorder or loss to run. Making the next batch in a second thread
     # while the model runs was measured slower on 2 cores (60 vs 67 img/s at 192 px): the model needs both.
@@ -181,6 +184,8 @@ def predict_probs(
             # As a plain tensor: a fastai TensorImage sends every op of the network through its __torch_function__,
             # measured 25 % slower.
             xb = xb.as_subclass(torch.Tensor)
+            if fold:  # the same function with a memory pass less per batch norm: 1.3x the images/s of lite0 on 2 cores
+                model, fold = fold_batchnorm(model, xb[:1])[0], False
             p = activation(model(xb)).float()
             if tta == "flip": p = (p + activation(model(xb.flip(-1))).float()) / 2
             probs.append(p)

@@ -5,12 +5,14 @@ Every architecture quirk (torchvision vs timm, key names in weight files, normal
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
 import re
 import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +31,7 @@ from .errors import ArchError, UserError, WeightsError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
            "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "build_model", "create_learner",
-           "count_params"]
+           "count_params", "fold_batchnorm"]
 
 PRETRAINED = ("auto", "require", "none")
 KINDS = ("torchvision", "timm", "custom")
@@ -468,3 +470,64 @@ def create_learner(arch: str,  # a registered arch name (see `list_archs`)
             learn.pretrained = True
     learn.weights_info = info
     return learn
+
+
+# ---------------------------------------------------------------- inference
+
+def _batchnorm_replacement(bn: nn.Module) -> nn.Module | None:
+    "What stays of batch norm `bn` once folded into the convolution before it: None where it cannot be folded."
+    if bn.training or bn.running_mean is None: return None  # normalises by batch statistics: nothing fixed to fold
+    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm): return nn.Identity()
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:
+        return None
+    # timm's norm + activation in one module: the activation (and its dropout) stays.
+    return nn.Sequential(bn.drop, bn.act) if type(bn) is BatchNormAct2d else None
+
+
+def fold_batchnorm(
+    model: nn.Module,  # a network in eval mode; left unchanged
+    example: torch.Tensor,  # an input it takes (one image is enough): finds the pairs and checks the result
+    tol: float = 1e-3,  # the folded copy's outputs on `example` must match within tol * max(1, largest |output|)
+) -> tuple:
+    """`(model, n)`: for inference, a copy of `model` whose batch norms that take a convolution's output straight
+    are folded into that convolution's weights and bias (`n` of them), one memory pass less each; `model` itself and
+    0 where there are none, or where the copy's outputs on `example` differ from the original's."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+    if model.training: return model, 0  # training-mode batch norm uses batch statistics
+    folded = copy.deepcopy(model)
+    outputs, pairs, calls = {}, [], {}
+    def conv_hook(m, inp, out): outputs[id(out)] = (m, out)  # the tensor is kept, so its id is not reused
+    def bn_hook(m, inp, out):
+        calls[m] = calls.get(m, 0) + 1
+        conv, conv_out = outputs.get(id(inp[0]), (None, None))
+        if conv_out is inp[0]: pairs.append((conv, m))
+    hooks = [m.register_forward_hook(conv_hook) for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(bn_hook) for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad(): reference = folded(example)
+    finally:
+        for h in hooks: h.remove()
+    outputs.clear()
+    if not isinstance(reference, torch.Tensor): return model, 0
+    names = {m: n for n, m in folded.named_modules()}
+    n = 0
+    for conv, bn in pairs:
+        replacement = _batchnorm_replacement(bn)
+        if replacement is None or calls[bn] > 1: continue  # a module run twice may see other inputs the second time
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            bn.weight, bn.bias)
+        conv.weight, conv.bias = weight, bias
+        parent, _, leaf = names[bn].rpartition(".")
+        setattr(folded.get_submodule(parent), leaf, replacement)
+        n += 1
+    if n == 0: return model, 0
+    with torch.no_grad(): out = folded(example)
+    # A convolution's output that something else also reads (a skip connection, say) would now read changed
+    # values: the outputs say so, and the original is used instead.
+    if out.shape != reference.shape or (out - reference).abs().max() > tol * max(1.0, reference.abs().max().item()):
+        warnings.warn("folding batch norms into the convolutions changed the model's outputs; using it unfolded")
+        return model, 0
+    return folded, n
+

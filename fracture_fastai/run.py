@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .evaluate import write_json
+from .pseudo import THRESHOLD as PSEUDO_THRESHOLD
 
 __all__ = ["main", "parse_args", "run", "new_run_dir"]
 
@@ -92,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--crops", action="store_true",
                    help="add close-ups of each annotated fracture to the training images (and as many of unannotated "
                         "images, where there are some): the fracture boxes or polygons as supervision")
+    d.add_argument("--pseudo-labels", action="append", default=[], metavar="TEACHER",
+                   help="add the train split's unlabelled radiographs (empty YOLO label files) that TEACHER (a run "
+                        "folder of this data's classes) calls confidently, with its call as their label; repeat for "
+                        "an ensemble teacher")
+    d.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD,
+                   help="--pseudo-labels: the teacher's probability (mean over a radiograph's copies) from which it is kept")
     d.add_argument("--dicom-window", default="first", metavar="WHICH",
                    help="DICOM images: the 'first' VOI LUT / window the file names, 'full' (the whole range, no "
                         "window), or the index of another window")
@@ -153,6 +160,11 @@ def _check_options(args):
     need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
     need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
+    need(0 < args.pseudo_threshold <= 1, "pseudo-threshold", "in (0, 1]")
+    for teacher in args.pseudo_labels:
+        if not Path(teacher).expanduser().exists():
+            raise UserError(f"--pseudo-labels {teacher}: no such run folder or model file; pass a run folder of "
+                            "python -m fracture_fastai.run trained on this data")
     from .binary import parse_operating_point
     parse_operating_point(args.operating_point)  # a UserError naming the allowed rules
     if args.out is not None and getattr(args, "resume", None) is None:
@@ -353,6 +365,12 @@ def run(
             lambda: load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed))
         if args.sample:
             table.df = sample_per_class(table.df, args.sample, seed=args.seed)
+    pseudo = None
+    if args.pseudo_labels:
+        from .pseudo import add_pseudo_labels
+        with phases("pseudo_labels"):
+            pseudo = add_pseudo_labels(table, args.pseudo_labels, args.pseudo_threshold)
+    with phases("data"):
         size = args.size or (DEMO_SIZE if demo else SIZE)
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
@@ -366,7 +384,7 @@ def run(
     train = dls.train
     data = {"path": str(args.data) if args.data else "demo", "synthetic_demo": demo, "source": table.source,
             **table.summary(), "notes": table.notes, "classes": list(dls.vocab), "images_per_epoch": train.n,
-            "num_workers": train.fake_l.num_workers}
+            "num_workers": train.fake_l.num_workers, **({"pseudo_labels": pseudo} if pseudo else {})}
     if args.resume:
         out, resume = Path(args.resume), None
         config = _resumed_config(out, data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
@@ -143,7 +143,30 @@ def _predictions(run, split: str) -> pd.DataFrame:
     df = df[df.split == split]
     if df.empty:
         raise UserError(f"{path} has no {split} predictions; choose another --split")
-    return df.set_index("file")
+    # Indexed by the image's key; `path` keeps the file's path as the run wrote it, for a person to open.
+    return df.assign(path=df.file).set_index(_image_keys(df.file, _data_path(run)).rename("file"))
+
+
+def _data_path(run) -> str | None:
+    "The --data of `run` as its config.json records it; None for the demo or an unreadable config."
+    try:
+        data = json.loads((Path(run) / "config.json").read_text()).get("data", {})
+    except (OSError, ValueError):
+        return None
+    return None if data.get("synthetic_demo") else data.get("path")
+
+
+def _image_keys(files: pd.Series, data: str | None) -> pd.Series:
+    """Each image's path relative to the run's --data folder (or the folder of a --data file), so that runs given the
+    same data by another path (relative or absolute, another machine) score the same images; else the path as is."""
+    if not data: return files
+    roots = [PurePath(data), PurePath(data).parent]
+    def key(f):
+        for root in roots:
+            try: return PurePath(f).relative_to(root).as_posix()
+            except ValueError: continue
+        return f
+    return files.map(key)
 
 
 def _auroc(labels, scores) -> float:
@@ -264,14 +287,15 @@ def run_probabilities(
     runs,  # run folders scored on the same images (e.g. one configuration under several seeds)
     split: str = "valid",
 ) -> tuple:
-    "`(labels, classes, probs)`: the images' labels (a Series by file), the classes, and one files x classes array per run."
+    "`(labels, classes, probs)`: the images' labels (a Series by the first run's file paths), the classes, and one files x classes array per run."
     tables = [_predictions(r, split) for r in map(Path, runs)]
     files = tables[0].index
     for run, t in zip(runs[1:], tables[1:]):
         if not t.index.sort_values().equals(files.sort_values()):
             raise UserError(f"{run} scored other {split} images than {runs[0]}; use runs made on the same data")
     cols = [c for c in tables[0].columns if c.startswith("prob_")]
-    return tables[0].label.astype(str), [c[len("prob_"):] for c in cols], [t.loc[files, cols].to_numpy(float) for t in tables]
+    labels = pd.Series(tables[0].label.astype(str).to_numpy(), index=tables[0].path.to_numpy(), name="label")
+    return labels, [c[len("prob_"):] for c in cols], [t.loc[files, cols].to_numpy(float) for t in tables]
 
 
 def ensemble_accuracy(runs, split: str = "valid") -> float:

@@ -300,3 +300,59 @@ def test_arch_names_follow_one_rule():
         ARCHS.pop("mynet", None)
     from fracture_fastai.run import parse_args
     assert parse_args(["--arch", "ResNet18"]).arch == "resnet18"
+
+
+# ---------------------------------------------------------------- fold_batchnorm
+
+def _random_stats(model):
+    "Batch norms whose running statistics and affine parameters are not the identity, so folding them is no no-op."
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", list_archs())
+def test_fold_batchnorm_keeps_every_arch_s_outputs(arch, dls):
+    "Every registered arch: the folded copy gives the same outputs on other inputs, and the original is untouched."
+    from fracture_fastai.models import fold_batchnorm
+    model = _random_stats(create_learner(arch, dls, pretrained="none").model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folded, n = fold_batchnorm(model, x[:1])
+    assert n >= 4  # every arch has some (FractureCNN 4, lite0 49; densenet121 59 of its 121: the others precede a convolution)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - n
+
+
+class _ConvBnReadTwice(nn.Module):
+    "A convolution whose output the batch norm and a skip connection both read: folding would change the skip's input."
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_batchnorm_refuses_what_would_change_the_outputs():
+    from fracture_fastai.models import fold_batchnorm
+    model = _random_stats(_ConvBnReadTwice())
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="changed the model's outputs"):
+        folded, n = fold_batchnorm(model, x)
+    assert folded is model and n == 0
+    train = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)).train()  # batch statistics: nothing fixed to fold
+    assert fold_batchnorm(train, x) == (train, 0)
+    shared = nn.BatchNorm2d(3)  # one batch norm module after two convolutions: it cannot take both foldings
+    twice = _random_stats(nn.Sequential(nn.Conv2d(3, 3, 1), shared, nn.Conv2d(3, 3, 1), shared))
+    folded, n = fold_batchnorm(twice, x)
+    with torch.no_grad(): assert n == 0 and torch.allclose(folded(x), twice(x))

@@ -1,5 +1,6 @@
 "Paired statistics: McNemar, bootstrap and seed intervals against values known in closed form, and on hand-made run folders."
 import json
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -164,3 +165,23 @@ def test_suspect_labels_lists_confident_disagreement_of_every_run(tmp_path):
     r3 = _prob_run(tmp_path, "r3", labels[:3], [[1, 0, 0]] * 3)
     with pytest.raises(UserError, match="other valid images"):
         suspect_labels([r1, r3])
+
+
+def test_runs_given_the_data_by_another_path_pair_up(tmp_path):
+    "A run given ../shared/data/x and one given /work/shared/data/x (or x/data.yaml) scored the same images."
+    from fracture_fastai.stats import ensemble_accuracy, suspect_labels
+    right = [i < 15 for i in range(20)]
+    names = [f"val/images/img_{i:03d}.png" for i in range(20)]
+    for name, data in (("rel", "../shared/data/x"), ("abs", "/work/shared/data/x"), ("yaml", "/elsewhere/x/data.yaml")):
+        root = str(PurePath(data).parent) if data.endswith(".yaml") else data
+        run = _fake_run(tmp_path, name, right, 42, files=[f"{root}/{n}" for n in names])
+        config = json.loads((run / "config.json").read_text())
+        config["data"] = {"path": data, "synthetic_demo": False}
+        (run / "config.json").write_text(json.dumps(config))
+    c = paired_comparison([tmp_path / "rel"], [tmp_path / "abs"])
+    assert c["images"] == [20] and c["accuracy_diff"] == 0
+    assert paired_comparison([tmp_path / "rel"], [tmp_path / "yaml"])["images"] == [20]
+    assert ensemble_accuracy([tmp_path / "rel", tmp_path / "abs", tmp_path / "yaml"]) == 0.75
+    # The file a person reviews is the path the first run wrote.
+    suspects = suspect_labels([tmp_path / "rel", tmp_path / "abs"], max_label_prob=0.5)
+    assert len(suspects) == 5 and all(f.startswith("../shared/data/x/val/images/") for f in suspects.file)

@@ -27,6 +27,9 @@ class DataTable:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of images left out
     notes: list = field(default_factory=list)  # non-fatal remarks (e.g. a split named but missing)
     source: str = ""  # which reader made it: yolo, folders, csv, fracatlas
+    # Images the source holds without a label (a YOLO export's empty label files): file, split, group. Never trained
+    # on as they are; `pseudo.pseudo_label` can label the train split's from a teacher model.
+    unlabelled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["file", "split", "group"]))
 
     @property
     def classes(self) -> list:

@@ -92,7 +92,7 @@ def read_yolo(path) -> DataTable:
         root = Path(str(cfg["path"]))  # an export whose path: still points somewhere real
     elif cfg.get("path") and not Path(str(cfg["path"])).is_absolute() and (root / str(cfg["path"])).is_dir():
         root = root / str(cfg["path"])
-    rows, skipped, notes = [], Counter(), []
+    rows, unlabelled, skipped, notes = [], [], Counter(), []
     for key, split in SPLIT_ALIASES.items():
         if key not in cfg or not cfg[key]:
             continue
@@ -106,6 +106,7 @@ def read_yolo(path) -> DataTable:
             ids, polygons = parse_yolo_label(label_file.read_text(), skipped) if label_file.exists() else ([], [])
             if not ids:
                 skipped["unlabelled"] += 1
+                unlabelled.append(dict(file=str(img), split=split, group=group_of(img)))
                 continue
             try:
                 regions = {region_of(names[i]) for i in ids}
@@ -118,7 +119,8 @@ def read_yolo(path) -> DataTable:
             rows.append(dict(file=str(img), label=regions.pop(), split=split, group=group_of(img), polygons=polygons))
     if not rows:
         raise DataError(f"no labelled images found under {str(root)!r}; check data.yaml's train/val entries")
-    return DataTable(pd.DataFrame(rows), skipped, notes, source="yolo")
+    return DataTable(pd.DataFrame(rows), skipped, notes, source="yolo",
+                     unlabelled=pd.DataFrame(unlabelled, columns=["file", "split", "group"]))
 
 
 def _resolve_split_dir(root: Path, yaml_dir: Path, entry: str):
