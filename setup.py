@@ -20,8 +20,10 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 extras = {key[:-len("_requirements")].replace("_", "-"): value.split() for key, value in cfg.items()
           if key.endswith("_requirements") and key not in ("requirements", "dev_requirements")}
 # `dev`: the test tools and every optional feature, so that the test suite exercises them all; not the DICOM
-# decoder plugins, whose absence the tests check is reported with what to install.
-dev_requirements += sorted({r for name, reqs in extras.items() if name != "dicom-codecs" for r in reqs} - set(dev_requirements))
+# decoder plugins, whose absence the tests check is reported with what to install, nor the 45 MB of lite1/lite2
+# weights, which no test needs.
+NOT_IN_DEV = {"dicom-codecs", "lite-weights"}
+dev_requirements += sorted({r for name, reqs in extras.items() if name not in NOT_IN_DEV for r in reqs} - set(dev_requirements))
 readme = here / "README.md"
 
 setuptools.setup(

@@ -26,12 +26,17 @@ def _one_run(args, extra, seed):
     run_dir, minutes = timed_run(["--recipe", args.recipe, "--arch", args.arch, "--data", args.data, "--seed", seed,
                                   *extra, *out])
     valid = json.loads((run_dir / "metrics.json").read_text())["valid"]
+    weights = json.loads((run_dir / "config.json").read_text()).get("weights", "?")
+    if weights.startswith("none") and args.arch != "cnn":  # a number that says nothing about the recipe
+        print(f"WARNING: seed {seed} trained {args.arch} from scratch ({weights}); install its weights "
+              "(python -m fracture_fastai.run --pretrained require says how)", flush=True)
     lo, hi = valid["accuracy_ci95"]
     wrist = valid["per_class"].get("wrist", {}).get("recall")
     pointing = (valid.get("localisation") or {}).get("pointing_game")
     print(f"seed {seed}: validation accuracy {valid['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={valid['n']}), "
           f"macro-F1 {valid['macro_f1']:.4f}, wrist recall {'n/a' if wrist is None else f'{wrist:.3f}'}, "
-          f"pointing game {'n/a' if pointing is None else f'{pointing:.3f}'}, {minutes:.2f} min, run folder {run_dir}",
+          f"pointing game {'n/a' if pointing is None else f'{pointing:.3f}'}, {minutes:.2f} min, weights {weights}, "
+          f"run folder {run_dir}",
           flush=True)
     return {"run": run_dir, "accuracy": valid["accuracy"], "macro_f1": valid["macro_f1"], "wrist": wrist,
             "pointing": pointing, "minutes": minutes}
