@@ -16,12 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastai.callback.core import Callback
+
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import save_figure
 from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
 __all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "explain_file", "decode_images", "overlay", "gradcam_grid",
-           "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "main"]
+           "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "cam_pointing_loss",
+           "CamSupervision", "main"]
 
 # The pointing game's slack, as a share of the input side (9 px at 224 px). A Grad-CAM map comes from a feature map
 # 32x coarser than the input (7x7 at 224 px), so its peak is only placed to within about half a cell (~16 px); 4 %
@@ -529,3 +532,61 @@ def _cam_command(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- Grad-CAM as supervision (--cam-loss)
+
+def cam_pointing_loss(
+    acts: torch.Tensor,  # the body's feature map (bs, k, h, w), part of the autograd graph
+    scores: torch.Tensor,  # each image's logit of its labelled class (bs,), computed from `acts`
+    masks: torch.Tensor,  # (bs, 1, H, W) fracture masks in [0, 1] at the input size
+) -> torch.Tensor | None:
+    """Mean over the images with a fracture mask of -log(share of the Grad-CAM's softmax over the feature-map cells
+    that falls on cells the fracture touches): small where the map's peak, which the pointing game scores, lies on
+    the fracture. Differentiable (the Grad-CAM weights keep their graph); None where no image has a mask."""
+    region = F.adaptive_max_pool2d(masks.float(), acts.shape[-2:])[:, 0] > 0.5  # cells the fracture touches
+    known = region.flatten(1).any(1)
+    if not known.any(): return None
+    (grads,) = torch.autograd.grad(scores.sum(), acts, create_graph=True)
+    cam = (grads.mean((2, 3), keepdim=True) * acts).sum(1)  # Grad-CAM before its ReLU: (bs, h, w)
+    logp = cam.flatten(1).float().log_softmax(1)
+    inside = logp.masked_fill(~region.flatten(1), float("-inf")).logsumexp(1)
+    return -inside[known].mean()
+
+
+class CamSupervision(Callback):
+    """Training callback (`run --cam-loss W`): adds W * `cam_pointing_loss` of each image's labelled class to the
+    loss, with the fracture masks that `SplitMask` took off the batch. Validation and the recorded valid loss are
+    left as they are; epochs whose body is frozen (no gradient reaches the feature map) train as usual."""
+    order = 5  # after the batch is made, before the loss that fastai's later callbacks (fp16 scaling) work on
+
+    def __init__(self, weight: float = 1.0):
+        if not weight > 0: raise UserError(f"cam loss weight must be > 0, got {weight}")
+        self.weight, self.cam_loss, self.acts = weight, None, None
+
+    def before_fit(self):
+        from .transforms import SplitMask
+        found = [t for t in self.dls.train.after_batch.fs if isinstance(t, SplitMask)]
+        if not found:
+            raise UserError("--cam-loss needs DataLoaders made with masks=True (fracture masks on the training images)")
+        self.split = found[0]
+        self.hook = self.learn.model[0].register_forward_hook(self._store)
+        self.losses = []
+
+    def _store(self, module, inp, out): self.acts = out if self.training else None
+
+    def after_pred(self):
+        self.cam_loss, acts, self.acts = None, self.acts, None
+        masks = self.split.last
+        if not self.training or masks is None or acts is None or not acts.requires_grad: return
+        scores = self.pred.gather(1, self.yb[0].long()[:, None])[:, 0]
+        self.cam_loss = cam_pointing_loss(acts, scores, masks.to(acts.device))
+
+    def after_loss(self):
+        if self.training and self.cam_loss is not None:
+            self.learn.loss_grad = self.learn.loss_grad + self.weight * self.cam_loss
+            self.losses.append(float(self.cam_loss.detach()))
+
+    def after_fit(self):
+        self.hook.remove()
+        self.acts = self.cam_loss = None

@@ -207,13 +207,14 @@ def radiograph_dataloaders(
     copies: str = "one",  # per training epoch: 'one' image of each source radiograph (group), or 'all' images
     cache=True,  # preprocessed images kept on disk: True (the user cache folder), False, or a `PreprocessCache`
     crops: bool = False,  # add `crop_views` of the training images: close-ups of each annotated fracture
+    masks: bool = False,  # training batches carry each image's fracture mask, for `cam.CamSupervision` (`--cam-loss`)
     **preprocess,  # clahe_clip, clahe_grid, median, denoise, dicom_window, reduce for the RadiographLoader
 ):
     "fastai DataLoaders (train, valid[, labelled test as `dls[2]`]) of `table` with radiograph preprocessing."
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, IndexSplitter, IntToFloatTensor, Normalize,
                                    TransformBlock, imagenet_stats, set_seed)
     from .cache import PreprocessCache, default_cache_dir
-    from .transforms import RadiographLoader, radiograph_aug_transforms
+    from .transforms import RadiographLoader, SplitMask, radiograph_aug_transforms
 
     if balance not in BALANCE:
         raise DataError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
@@ -226,6 +227,14 @@ def radiograph_dataloaders(
         if not len(views):
             raise DataError("crops need fracture annotations (polygons or boxes) on training images; this data has none")
         items = pd.concat([items, views], ignore_index=True)
+    if masks:
+        train_rows = items.split == "train"
+        def box(p): return _polygon_box(p) if isinstance(p, (list, tuple, np.ndarray)) else None
+        if "polygons" not in items or items.polygons[train_rows].map(box).isna().all():
+            raise DataError("fracture masks need fracture annotations (polygons or boxes) on training images; this data has none")
+        from .transforms import MaskedRadiograph
+        items = items.copy()
+        items.loc[train_rows, "file"] = [MaskedRadiograph(f, p) for f, p in zip(items.file[train_rows], items.polygons[train_rows])]
     for split in ("train", "valid"):
         if not (items.split == split).any():
             raise DataError(f"the data has no {split} images; check the dataset's splits")
@@ -242,6 +251,7 @@ def radiograph_dataloaders(
     set_seed(seed, reproducible=True)
     stats = stats or imagenet_stats
     batch_tfms = radiograph_aug_transforms(flip_vert=flip_vert, stats=stats) if augment else [Normalize.from_stats(*stats)]
+    if masks: batch_tfms = [*batch_tfms, SplitMask()]  # ordered before Normalize by its `order`
     if cache is True: cache = PreprocessCache() if default_cache_dir() is not None else None
     if not clahe: preprocess = {**preprocess, "clahe_clip": 0, "median": 0}
     loader = RadiographLoader(size, cache=cache or None, **preprocess)

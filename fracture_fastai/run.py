@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
     g.add_argument("--monitor", choices=["valid_loss", "accuracy"], default="valid_loss", help="what picks the best epoch")
     g.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--cam-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x a loss that moves each training image's Grad-CAM peak onto its annotated "
+                        "fracture (polygons or boxes; 0 = off): the annotations as supervision")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (0 = off)")
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
@@ -159,6 +162,7 @@ def _check_options(args):
     need(math.isfinite(args.lr_mult) and args.lr_mult > 0, "lr-mult", "a positive number")
     need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
     need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
+    need(math.isfinite(args.cam_loss) and args.cam_loss >= 0, "cam-loss", "0 (off) or a positive weight")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
     need(0 < args.pseudo_threshold <= 1, "pseudo-threshold", "in (0, 1]")
     for teacher in args.pseudo_labels:
@@ -260,6 +264,9 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
                                    label_smoothing=args.label_smoothing, balance=args.balance, precision=args.precision,
                                    path=out)
+    if args.cam_loss > 0:
+        from .cam import CamSupervision
+        cbs = [*cbs, CamSupervision(args.cam_loss)]  # training only: taken out with the others before the export
     learn.add_cbs(cbs)
     info, precision = learn.weights_info, precision_of(learn)
     print(f"weights: {info.note}; precision: {precision}", flush=True)
@@ -375,7 +382,8 @@ def run(
         dls = radiograph_dataloaders(table, size=size, bs=args.bs, seed=args.seed, num_workers=args.num_workers,
                                      balance=args.balance, clahe=not args.no_clahe, flip_vert=args.flip_vert,
                                      stats=arch_stats(args.arch), copies=args.copies, cache=args.cache,
-                                     dicom_window=args.dicom_window, reduce=args.reduce, crops=args.crops)
+                                     dicom_window=args.dicom_window, reduce=args.reduce, crops=args.crops,
+                                     masks=args.cam_loss > 0)
     if len(dls.vocab) == 2:  # checked here, after the data and before any training: a typo costs seconds
         from .binary import positive_class
         args.positive = positive_class(dls.vocab, args.positive)

@@ -16,9 +16,10 @@ from .dicom import check_window, is_dicom
 from .errors import UserError
 # Re-exported: these were defined here before preprocess.py held the torch-free arithmetic.
 from .preprocess import (DENOISE, _check_params, _open_radiograph, _pil_to_array, _preprocess_gray,  # noqa: F401
-                         _to_gray, _window_to_uint8, pad_resize, preprocess_radiograph, read_radiograph)
+                         _to_gray, _window_to_uint8, image_size, pad_resize, preprocess_radiograph, read_radiograph)
 
-__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographView", "RadiographLoader",
+__all__ = ["DENOISE", "preprocess_radiograph", "RadiographPreprocess", "RadiographImage", "RadiographView", "MaskedRadiograph",
+           "fracture_mask", "SplitMask", "RadiographLoader",
            "find_loader", "radiograph_item_tfms", "radiograph_aug_transforms"]
 
 class RadiographPreprocess(DisplayedTransform):
@@ -65,6 +66,45 @@ class RadiographView(str):
         x0, y0, x1, y1 = self.crop
         left, top = min(int(x0 * w), w - 1), min(int(y0 * h), h - 1)
         return pixels[top:max(int(round(y1 * h)), top + 1), left:max(int(round(x1 * w)), left + 1)]
+
+
+class MaskedRadiograph(str):
+    """A training item whose `RadiographLoader` output carries its fracture mask as a 4th channel (255 inside the
+    `polygons`, shares of the image as YOLO gives them), so that the batch augmentation moves the mask with the
+    image; `SplitMask` takes it off again before `Normalize` (`--cam-loss`). `item` is the path or `RadiographView`."""
+    item: str
+    polygons: list
+
+    def __new__(cls, item, polygons):
+        obj = super().__new__(cls, str(item))
+        obj.item, obj.polygons = item, list(polygons) if isinstance(polygons, (list, tuple, np.ndarray)) else []
+        return obj
+
+    def __reduce__(self): return (MaskedRadiograph, (self.item, self.polygons))  # DataLoader workers get both
+
+
+def fracture_mask(polygons, orig_size: tuple, size: tuple) -> np.ndarray:
+    "uint8 (h, w) mask of `size` (h, w), 255 where `polygons` (shares of an `orig_size` (w, h) image) lie after the padding resize."
+    from .cam import polygon_mask, polygon_to_input
+    polygons = [p for p in polygons if len(p)]
+    if not polygons: return np.zeros(size, np.uint8)
+    return polygon_mask(polygon_to_input(polygons, orig_size, size, "pad"), size).astype(np.uint8) * 255
+
+
+class SplitMask(DisplayedTransform):
+    "Batch transform: takes `MaskedRadiograph`'s mask channel off a 4-channel batch (kept as `last`, for `CamSupervision`)."
+    order = 98  # after the augmentation has moved image and mask together, before `Normalize` (99) sees 3 channels
+    # Batch transforms run in the main process, right before the training loop gets the batch: `last` is its mask.
+    last = None
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        if x.ndim == 4 and x.shape[1] == 4:
+            self.last = x[:, 3:].as_subclass(torch.Tensor)
+            return x[:, :3]
+        self.last = None
+        return x
+
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != "last"}  # exports carry no batch
 
 
 class RadiographLoader(DisplayedTransform):
@@ -114,6 +154,14 @@ class RadiographLoader(DisplayedTransform):
         return np.array(pad_resize(gray, tuple(self.resize.size[::-1])))  # a writable copy, for torch
 
     def encodes(self, fn) -> TensorImage:
+        if isinstance(fn, MaskedRadiograph):
+            image = self.encodes(fn.item)
+            size = tuple(image.shape[-2:])
+            if fn.polygons and isinstance(fn.item, RadiographView):
+                raise UserError("a MaskedRadiograph of a crop needs its polygons in the crop's shares; crops carry none")
+            orig = image_size(fn.item) if fn.polygons else None
+            mask = torch.from_numpy(fracture_mask(fn.polygons, orig, size)) if orig else torch.zeros(size, dtype=torch.uint8)
+            return TensorImage(torch.cat([image.as_subclass(torch.Tensor), mask[None]]))
         crop = fn if isinstance(fn, RadiographView) else None
         if self.cache is None: gray = self._gray(fn, crop=crop)
         else:

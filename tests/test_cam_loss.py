@@ -1,0 +1,118 @@
+"The fracture annotations as supervision (`run --cam-loss`): masks that travel with the augmented image, the loss, the callback."
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fracture_fastai.cam import CamSupervision, cam_pointing_loss
+from fracture_fastai.data import load_table, radiograph_dataloaders
+from fracture_fastai.errors import DataError
+from fracture_fastai.transforms import MaskedRadiograph, SplitMask
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def bright_fractures(tmp_path_factory):
+    """A YOLO export of 48x64 and 64x48 dark images (two classes) with one bright rectangle each, exactly where its
+    label's polygon says: a mask that follows the image shows bright pixels, one that does not, dark ones."""
+    root, rng = tmp_path_factory.mktemp("bright"), np.random.default_rng(0)
+    for split, n in (("train", 8), ("valid", 4)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            w, h = (48, 64) if i % 2 else (64, 48)
+            a = rng.integers(0, 30, (h, w)).astype(np.uint8)
+            x0, y0 = rng.uniform(0.1, 0.6), rng.uniform(0.1, 0.6)
+            x1, y1 = x0 + 0.25, y0 + 0.2
+            a[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = 250
+            Image.fromarray(a).save(root / split / "images" / f"img{i}.png")
+            poly = f"{x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1}"
+            (root / split / "labels" / f"img{i}.txt").write_text(f"{i % 2} {poly}\n")
+    (root / "data.yaml").write_text("train: train/images\nval: valid/images\nnames: ['elbow positive', 'wrist positive']\n")
+    return root
+
+
+def test_the_mask_moves_with_the_augmented_image(bright_fractures):
+    table = load_table(bright_fractures)
+    dls = radiograph_dataloaders(table, size=32, bs=8, masks=True, device="cpu", cache=False, clahe=False)
+    split = next(t for t in dls.train.after_batch.fs if isinstance(t, SplitMask))
+    assert all(isinstance(f, MaskedRadiograph) for f in dls.train.items.file)
+    assert not any(isinstance(f, MaskedRadiograph) for f in dls.valid.items.file)
+    for _ in range(3):  # random flips, rotations and zooms: the mask must follow every one
+        xb, yb = dls.train.one_batch()
+        masks = split.last
+        assert xb.shape == (8, 3, 32, 32) and masks.shape == (8, 1, 32, 32)
+        gray = xb[:, 0].as_subclass(torch.Tensor)
+        inside, outside = masks[:, 0] > 0.9, masks[:, 0] < 0.1
+        assert inside.any(1).any(1).all()  # every image's rectangle is in view
+        assert gray[inside].mean() > gray[outside].mean() + 2  # normalised units: bright inside, dark outside
+    xb, _ = dls.valid.one_batch()  # validation: 3 channels as before, no mask
+    assert xb.shape[1] == 3 and split.last is None
+    # A plain file (predict's test_dl) gives 3 channels too.
+    assert dls.test_dl([str(bright_fractures / "valid" / "images" / "img0.png")]).one_batch()[0].shape[1] == 3
+
+
+def test_masks_need_annotations(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2): Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / label / f"{i}.png")
+    with pytest.raises(DataError, match="fracture masks need fracture annotations"):
+        radiograph_dataloaders(load_table(tmp_path, valid_pct=0.5), size=32, masks=True, device="cpu", cache=False)
+
+
+def test_the_loss_is_small_where_the_map_s_peak_is_on_the_fracture():
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, 0, :4, :4] = 1  # image 0: the fracture in the top-left quarter; image 1: no mask (no loss)
+    def loss_of(acts):
+        scores = acts.mean((2, 3)).sum(1)  # a linear head: every channel weighs 1, so the map is the channel sum
+        return cam_pointing_loss(acts, scores, masks)
+    on = torch.zeros(2, 3, 2, 2)
+    on[:, :, 0, 0] = 5.0  # the map's peak on the fracture's cell
+    off = torch.zeros(2, 3, 2, 2)
+    off[:, :, 1, 1] = 5.0
+    assert loss_of(on.requires_grad_()) < 0.1 < loss_of(off.requires_grad_())
+    acts = off.detach().clone().requires_grad_()
+    opt = torch.optim.SGD([acts], lr=1.0)
+    for _ in range(20):  # the gradient moves the peak onto the fracture
+        opt.zero_grad(); loss_of(acts).backward(); opt.step()
+    assert acts.detach()[0].sum(0).argmax() == 0
+    assert cam_pointing_loss(on.requires_grad_(), on.sum((1, 2, 3)), torch.zeros(2, 1, 8, 8)) is None
+
+
+def test_the_callback_adds_to_the_training_loss_only(bright_fractures):
+    from fracture_fastai.train import radiograph_learner
+    table = load_table(bright_fractures)
+    dls = radiograph_dataloaders(table, size=32, bs=4, masks=True, device="cpu", cache=False, clahe=False)
+    learn = radiograph_learner("cnn", dls)
+    cb = CamSupervision(1.0)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=[cb])
+    assert len(cb.losses) == 2 and all(np.isfinite(cb.losses))  # two training batches of 4
+    assert not learn.model[0]._forward_hooks  # the hook goes with the fit
+    plain = radiograph_learner("cnn", radiograph_dataloaders(table, size=32, bs=4, device="cpu", cache=False))
+    with pytest.raises(Exception, match="masks=True"):
+        with plain.no_bar(), plain.no_logging(): plain.fit(1, 1e-3, cbs=[CamSupervision(1.0)])
+
+
+def test_run_with_cam_loss_exports_a_plain_model(bright_fractures, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.run", "--arch", "cnn", "--data", str(bright_fractures),
+                          "--size", "32", "--epochs", "1", "--bs", "4", "--lr", "1e-3", "--cam-loss", "0.5", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["options"]["cam_loss"] == 0.5
+    assert "localisation" in json.loads((out / "metrics.json").read_text())["valid"]
+    res = subprocess.run([sys.executable, "-m", "fracture_fastai.predict", str(out),
+                          str(bright_fractures / "valid" / "images" / "img1.png")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "img1.png" in res.stdout, res.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "fracture_fastai.run", "--cam-loss", "-1", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--cam-loss must be 0 (off) or a positive weight" in bad.stderr
