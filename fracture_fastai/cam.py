@@ -563,6 +563,7 @@ class CamSupervision(Callback):
     def __init__(self, weight: float = 1.0):
         if not weight > 0: raise UserError(f"cam loss weight must be > 0, got {weight}")
         self.weight, self.cam_loss, self.acts = weight, None, None
+        self.losses, self.epoch_means = [], []  # per training batch; per epoch (None where none was computed), over every fit
 
     def before_fit(self):
         from .transforms import SplitMask
@@ -571,7 +572,14 @@ class CamSupervision(Callback):
             raise UserError("--cam-loss needs DataLoaders made with masks=True (fracture masks on the training images)")
         self.split = found[0]
         self.hook = self.learn.model[0].register_forward_hook(self._store)
-        self.losses = []
+        self._epoch_start = len(self.losses)
+
+    # before_train / after_train: the training half of an epoch of a fit (get_preds and validate fire epoch events too)
+    def before_train(self): self._epoch_start = len(self.losses)
+
+    def after_train(self):
+        done = self.losses[self._epoch_start:]
+        self.epoch_means.append(round(sum(done) / len(done), 4) if done else None)
 
     def _store(self, module, inp, out): self.acts = out if self.training else None
 

@@ -280,6 +280,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
                         patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume)
     if not is_main():  # rank 0 alone evaluates and writes
         return learn, {}
+    cam = [cb for cb in cbs if type(cb).__name__ == "CamSupervision"]
+    if cam: summary["cam_loss_per_epoch"] = cam[0].epoch_means  # the added loss, epoch by epoch (None: body frozen)
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]

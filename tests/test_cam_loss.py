@@ -95,6 +95,7 @@ def test_the_callback_adds_to_the_training_loss_only(bright_fractures):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=[cb])
     assert len(cb.losses) == 2 and all(np.isfinite(cb.losses))  # two training batches of 4
+    assert cb.epoch_means == [pytest.approx(sum(cb.losses) / 2, abs=1e-4)]
     assert not learn.model[0]._forward_hooks  # the hook goes with the fit
     plain = radiograph_learner("cnn", radiograph_dataloaders(table, size=32, bs=4, device="cpu", cache=False))
     with pytest.raises(Exception, match="masks=True"):
@@ -108,7 +109,9 @@ def test_run_with_cam_loss_exports_a_plain_model(bright_fractures, tmp_path):
                           "--size", "32", "--epochs", "1", "--bs", "4", "--lr", "1e-3", "--cam-loss", "0.5", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["options"]["cam_loss"] == 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["cam_loss"] == 0.5
+    assert len(config["training"]["cam_loss_per_epoch"]) == 1 and config["training"]["cam_loss_per_epoch"][0] > 0  # cnn: no frozen epoch
     assert "localisation" in json.loads((out / "metrics.json").read_text())["valid"]
     res = subprocess.run([sys.executable, "-m", "fracture_fastai.predict", str(out),
                           str(bright_fractures / "valid" / "images" / "img1.png")], capture_output=True, text=True, env=env)
