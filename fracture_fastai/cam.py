@@ -556,8 +556,9 @@ def cam_pointing_loss(
 
 class CamSupervision(Callback):
     """Training callback (`run --cam-loss W`): adds W * `cam_pointing_loss` of each image's labelled class to the
-    loss, with the fracture masks that `SplitMask` took off the batch. Validation and the recorded valid loss are
-    left as they are; epochs whose body is frozen (no gradient reaches the feature map) train as usual."""
+    loss, with the fracture masks that `SplitMask` took off the batch. Validation and the losses fastai records are
+    left as they are (`epoch_means` keeps the added loss); where no gradient reaches the feature map (a body frozen
+    with its batch norms too) a batch trains as usual."""
     order = 5  # after the batch is made, before the loss that fastai's later callbacks (fp16 scaling) work on
 
     def __init__(self, weight: float = 1.0):
