@@ -162,9 +162,9 @@ def predict_probs(
     learn,  # a Learner for single-label classification
     dl,  # a DataLoader of its inputs, labelled or not
     tta: str = "none",  # 'none', 'flip' (each image and its mirror) or 'aug' (fastai's `learn.tta`)
-    model=None,  # the module to run; None: `learn.model` with its batch norms folded (`fold_batchnorm`) at the first batch
 ) -> tuple:
-    "`(probs, targets)`: class probabilities of every item of `dl` (targets None when it has no labels), in order."
+    """`(probs, targets)`: class probabilities of every item of `dl` (targets None when it has no labels), in order;
+    computed by `learn.model` with its batch norms folded into its convolutions (`models.fold_batchnorm`)."""
     import torch
     if tta not in TTA: raise UserError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     if tta == "aug":
@@ -174,8 +174,7 @@ def predict_probs(
     from .models import fold_batchnorm
     activation = getattr(learn.loss_func, "activation", None) or (lambda o: o.softmax(dim=-1))
     dl = _without_identity_warps(dl)
-    fold = model is None
-    model = learn.model.eval() if fold else model
+    model, fold = learn.model.eval(), True
     probs, targets = [], []
     # A plain loop, not get_preds: no callbacks, recorder or loss to run. Making the next batch in a second thread
     # while the model runs was measured slower on 2 cores (60 vs 67 img/s at 192 px): the model needs both.
