@@ -264,9 +264,11 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         learn = radiograph_learner(args.arch, dls, pretrained=args.pretrained, weights=args.weights, wd=args.wd,
                                    label_smoothing=args.label_smoothing, balance=args.balance, precision=args.precision,
                                    path=out)
+    cam = None
     if args.cam_loss > 0:
         from .cam import CamSupervision
-        cbs = [*cbs, CamSupervision(args.cam_loss)]  # training only: taken out with the others before the export
+        cam = CamSupervision(args.cam_loss)
+        cbs = [*cbs, cam]  # training only: taken out with the others before the export
     learn.add_cbs(cbs)
     info, precision = learn.weights_info, precision_of(learn)
     print(f"weights: {info.note}; precision: {precision}", flush=True)
@@ -280,8 +282,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
                         patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume)
     if not is_main():  # rank 0 alone evaluates and writes
         return learn, {}
-    cam = [cb for cb in cbs if type(cb).__name__ == "CamSupervision"]
-    if cam: summary["cam_loss_per_epoch"] = cam[0].epoch_means  # the added loss, epoch by epoch (None: body frozen)
+    if cam is not None: summary["cam_loss_per_epoch"] = cam.epoch_means  # the added loss per epoch (None: none computed)
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]

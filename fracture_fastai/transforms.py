@@ -82,6 +82,11 @@ class MaskedRadiograph(str):
 
     def __reduce__(self): return (MaskedRadiograph, (self.item, self.polygons))  # DataLoader workers get both
 
+    def size(self) -> tuple:
+        "(w, h) of the radiograph, read from its header once per item, not once per epoch."
+        if not hasattr(self, "_size"): self._size = image_size(self.item)
+        return self._size
+
 
 def fracture_mask(polygons, orig_size: tuple, size: tuple) -> np.ndarray:
     "uint8 (h, w) mask of `size` (h, w), 255 where `polygons` (shares of an `orig_size` (w, h) image) lie after the padding resize."
@@ -159,7 +164,7 @@ class RadiographLoader(DisplayedTransform):
             size = tuple(image.shape[-2:])
             if fn.polygons and isinstance(fn.item, RadiographView):
                 raise UserError("a MaskedRadiograph of a crop needs its polygons in the crop's shares; crops carry none")
-            orig = image_size(fn.item) if fn.polygons else None
+            orig = fn.size() if fn.polygons else None
             mask = torch.from_numpy(fracture_mask(fn.polygons, orig, size)) if orig else torch.zeros(size, dtype=torch.uint8)
             return TensorImage(torch.cat([image.as_subclass(torch.Tensor), mask[None]]))
         crop = fn if isinstance(fn, RadiographView) else None
