@@ -5,7 +5,8 @@ values and ratios; asserts nothing.
     python benchmarks/bench_accuracy.py [--recipe fast] [--arch tf_efficientnet_lite0] [--seeds 3] [--out DIR]
                                         [-- extra run options]
 
-Per seed: validation accuracy [95 % CI], macro-F1, wrist recall, Grad-CAM pointing game, minutes. Over the seeds: the
+Per seed: validation accuracy [95 % CI], macro-F1, wrist recall, Grad-CAM pointing game, minutes (and, with
+`-- --schedule sgdr --snapshots`, the accuracy of the run's snapshot ensemble). Over the seeds: the
 mean with its t interval, and the accuracy of the seeds' models as one ensemble (`predict --ensemble`). With two or
 more seeds, the images that every seed confidently calls another class than their label go to suspect_labels.csv in
 the first seed's run folder, for a person to review.
@@ -30,6 +31,10 @@ def _one_run(args, extra, seed):
     if weights.startswith("none") and args.arch != "cnn":  # a number that says nothing about the recipe
         print(f"WARNING: seed {seed} trained {args.arch} from scratch ({weights}); install its weights "
               "(python -m fracture_fastai.run --pretrained require says how)", flush=True)
+    snap = valid.get("snapshot_ensemble")  # --schedule sgdr --snapshots: the cycles' ends as one ensemble
+    if snap:
+        print(f"seed {seed}: snapshot ensemble of {len(snap['models'])} validation accuracy {snap['accuracy']:.4f} "
+              f"(the snapshots alone: {', '.join(f'{a:.3f}' for a in snap['member_accuracy'])})", flush=True)
     lo, hi = valid["accuracy_ci95"]
     wrist = valid["per_class"].get("wrist", {}).get("recall")
     pointing = (valid.get("localisation") or {}).get("pointing_game")
@@ -39,7 +44,7 @@ def _one_run(args, extra, seed):
           f"run folder {run_dir}",
           flush=True)
     return {"run": run_dir, "accuracy": valid["accuracy"], "macro_f1": valid["macro_f1"], "wrist": wrist,
-            "pointing": pointing, "minutes": minutes}
+            "pointing": pointing, "minutes": minutes, "snapshots": snap["accuracy"] if snap else None}
 
 
 def _mean(values):
@@ -67,6 +72,9 @@ def main():
           f"(95% CI over seeds {low:.3f}-{high:.3f}), mean macro-F1 {_mean(r['macro_f1'] for r in results):.4f}, "
           f"mean wrist recall {_mean(r['wrist'] for r in results):.3f}, "
           f"mean pointing game {_mean(r['pointing'] for r in results):.3f}")
+    if any(r["snapshots"] is not None for r in results):
+        s_mean, s_low, s_high = seed_ci([r["snapshots"] for r in results])
+        print(f"snapshot ensembles: mean validation accuracy {s_mean:.4f} (95% CI over seeds {s_low:.3f}-{s_high:.3f})")
     target = TARGET_ACCURACY.get(args.recipe)
     if target: print(f"accuracy / target {target} ({args.recipe}): {mean / target:.3f}")
     print(f"accuracy / speed issue's floor 0.861: {mean / 0.861:.3f}")

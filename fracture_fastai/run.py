@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one-cycle, or cosine annealing with warm restarts")
     g.add_argument("--cycle-len", type=int, default=2, help="SGDR: epochs of the first cycle")
     g.add_argument("--cycle-mult", type=int, default=1, help="SGDR: growth of each later cycle")
+    g.add_argument("--snapshots", action="store_true",
+                   help="SGDR: keep the weights at each cycle's end (snapshots/ in the run folder) and score them as "
+                        "one ensemble (metrics.json: snapshot_ensemble; predict --ensemble takes them)")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
     g.add_argument("--monitor", choices=["valid_loss", "accuracy"], default="valid_loss", help="what picks the best epoch")
     g.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
@@ -166,6 +169,8 @@ def _check_options(args):
     need(math.isfinite(args.cam_loss) and args.cam_loss >= 0, "cam-loss", "0 (off) or a positive weight")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
     need(0 < args.pseudo_threshold <= 1, "pseudo-threshold", "in (0, 1]")
+    if args.snapshots and args.schedule != "sgdr":
+        raise UserError("--snapshots takes the weights at the end of each SGDR cycle: add --schedule sgdr")
     for teacher in args.pseudo_labels:
         if not Path(teacher).expanduser().exists():
             raise UserError(f"--pseudo-labels {teacher}: no such run folder or model file; pass a run folder of "
@@ -280,7 +285,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     with phases("train"), data_parallel(learn):  # several processes under torchrun / accelerate launch
         summary = train(learn, epochs=args.epochs, lr=args.lr, freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult,
                         schedule=args.schedule, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult,
-                        patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume)
+                        patience=args.patience, monitor=args.monitor, out_dir=out, min_size=args.min_size, resume=resume,
+                        snapshots=args.snapshots)
     if not is_main():  # rank 0 alone evaluates and writes
         return learn, {}
     if cam is not None: summary["cam_loss_per_epoch"] = cam.epoch_means  # the added loss per epoch (None: none computed)
@@ -323,6 +329,14 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         export_learner(learn, out / "export.pkl")  # fastai's pickle, for fastai users
         # model.safetensors + model.json: loads without running code; a binary model's threshold travels in it
         save_model(learn, out, versions=config["versions"], **({"decision": decision} if binary else {}))
+    if summary["snapshots"]:
+        with phases("snapshots"):
+            splits = {"valid": dls.valid, **({"test": dls[2]} if len(dls.loaders) > 2 else {})}
+            for split, scores in _snapshot_ensemble(learn, summary["snapshots"], splits, args.tta, out, outputs,
+                                                    versions=config["versions"],
+                                                    **({"decision": decision} if binary else {})).items():
+                metrics[split]["snapshot_ensemble"] = scores
+            write_json(metrics, out / "metrics.json")
     with phases("report"):
         config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                       finished=datetime.now().isoformat(timespec="seconds"), phases=phases)
@@ -333,6 +347,36 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     write_json(config, out / "config.json")
     (out / learn.model_dir / CHECKPOINT).unlink(missing_ok=True)  # done: the export and best.pth are what is kept
     return learn, metrics
+
+
+def _snapshot_ensemble(learn, names: list, splits: dict, tta: str, out: Path, outputs: dict, **model_json) -> dict:
+    """Score the SGDR snapshots `names` as one ensemble (their mean class probabilities) on each split of `splits`, and
+    keep each as a model folder `snapshots/<name>/` that `predict --ensemble` takes; `learn` ends at its best epoch."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from .evaluate import classification_metrics, evaluate_learner
+    from .model_io import save_model
+    probs, members = {split: [] for split in splits}, {split: [] for split in splits}
+    for name in names:
+        learn.load(name, with_opt=False)
+        for split, dl in splits.items():
+            scores, p, _ = evaluate_learner(learn, dl=dl, tta=tta)
+            probs[split].append(p)
+            members[split].append(round(scores["accuracy"], 4))
+        save_model(learn, out / "snapshots" / name, **model_json)
+        (out / learn.model_dir / f"{name}.pth").unlink()
+    learn.load("best", with_opt=False)
+    result = {}
+    for split, p in probs.items():
+        mean, targets = torch.stack(p).mean(0), outputs[split][1]
+        scores = {**classification_metrics(targets, mean.argmax(1), learn.dls.vocab), "models": names,
+                  "member_accuracy": members[split], "tta": tta}
+        if "decision" in model_json:  # a binary model: the positive class's AUROC too
+            pos = list(learn.dls.vocab).index(model_json["decision"]["positive"])
+            scores["auroc"] = float(roc_auc_score((targets == pos).numpy(), mean[:, pos].numpy()))
+        result[split] = scores
+    return result
 
 
 def _localisation(learn, dl, binary: dict, probs, targets) -> dict:

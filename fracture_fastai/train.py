@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import sys
 import time
@@ -26,7 +27,8 @@ from .models import create_learner
 
 __all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "precision_of", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
-           "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "fit_warm_restarts", "train",
+           "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "sgdr_cycles", "fit_warm_restarts",
+           "Snapshots", "train",
            "Checkpoint", "load_checkpoint",
            "export_learner"]
 
@@ -227,20 +229,41 @@ class ProgressiveResize(Callback):
         self.tfm.size = self.old_size  # the shared transform also serves validation-time TTA at full size
 
 
-def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult: int = 1, cbs=None, start_epoch: int = 0):
-    "Cosine annealing with warm restarts (SGDR) for exactly `epochs` epochs: cycles of `cycle_len`, each `cycle_mult` times longer."
+def sgdr_cycles(epochs: int, cycle_len: int = 2, cycle_mult: int = 1) -> list[int]:
+    "The lengths in epochs of SGDR's cycles over exactly `epochs` epochs (the last one cut short where needed)."
     if cycle_len < 1 or cycle_mult < 1:
         raise UserError(f"cycle_len and cycle_mult must be >= 1, got {cycle_len} and {cycle_mult}")
     lengths, n = [], cycle_len
     while sum(lengths) < epochs:
         lengths.append(min(n, epochs - sum(lengths)))
         n *= cycle_mult
+    return lengths
+
+
+def fit_warm_restarts(learn, epochs: int, lr_max, cycle_len: int = 2, cycle_mult: int = 1, cbs=None, start_epoch: int = 0):
+    "Cosine annealing with warm restarts (SGDR) for exactly `epochs` epochs: cycles of `cycle_len`, each `cycle_mult` times longer."
+    lengths = sgdr_cycles(epochs, cycle_len, cycle_mult)
     if learn.opt is None:
         learn.create_opt()
     learn.opt.set_hyper("lr", lr_max)
     lr_max = [h["lr"] for h in learn.opt.hypers]
     scheds = {"lr": combine_scheds([n / epochs for n in lengths], [SchedCos(torch.tensor(lr_max), 0) for _ in lengths])}
     learn.fit(epochs, cbs=ParamScheduler(scheds) + L(cbs), start_epoch=start_epoch)
+
+
+class Snapshots(Callback):
+    """Snapshot ensembles (Huang et al. 2017): the weights at the end of each SGDR cycle, where its rate reaches its low,
+    saved as `snapshot<epoch>` with `learn.save` (in the model folder)."""
+    def __init__(self, cycle_ends):  # the 0-based epochs that end a cycle
+        self.cycle_ends = sorted(cycle_ends)
+
+    def after_epoch(self):
+        if self.epoch in self.cycle_ends and not _skipped(self.learn):
+            self.learn.save(f"snapshot{self.epoch}", with_opt=False)
+
+    def saved(self, folder) -> list[str]:
+        "The names saved in `folder` (a resumed run's earlier snapshots too), in order."
+        return [f"snapshot{e}" for e in self.cycle_ends if (Path(folder) / f"snapshot{e}.pth").is_file()]
 
 
 def _skipped(learn) -> bool:
@@ -380,6 +403,7 @@ def train(
     lr_find_iters: int = 50,  # iterations of the lr_find sweep
     min_size: int | None = None,  # progressive resizing: first epochs at this side, ramping up to the DataLoaders' size
     resume: dict | None = None,  # a checkpoint from `load_checkpoint`: go on from its last epoch with the same settings
+    snapshots: bool = False,  # SGDR: save the weights at each cycle's end for a snapshot ensemble (summary's `snapshots`)
 ) -> dict:
     "Train `learn` with the seed's recipe, the fastai way: lr_find, then fine_tune (pretrained) or one-cycle/SGDR from scratch."
     if schedule not in SCHEDULES:
@@ -388,6 +412,8 @@ def train(
         raise UserError(f"monitor must be one of {', '.join(MONITORS)}; got {monitor!r}")
     if epochs < 1:
         raise UserError(f"epochs must be at least 1, got {epochs}")
+    if snapshots and schedule != "sgdr":
+        raise UserError("snapshot ensembles take the weights at the end of each SGDR cycle: add --schedule sgdr")
     out_dir = Path(out_dir) if out_dir is not None else Path(learn.path)
     out_dir.mkdir(parents=True, exist_ok=True)
     learn.path, learn.model_dir = out_dir, "models"
@@ -432,11 +458,14 @@ def train(
     # epochs): lr_mult 3 reached 0.867 validation accuracy at its best epoch, lr_mult 10 0.832.
     lrs = slice(lr / lr_mult, lr) if pretrained else lr
     from_epoch = sizes.index(full)
+    # Only full-size cycle ends: a snapshot must score what it would score at the export's size.
+    cycle_ends = [end - 1 for end in itertools.accumulate(sgdr_cycles(epochs, cycle_len, cycle_mult))]
+    snapshot_cb = Snapshots([e for e in cycle_ends if e >= from_epoch]) if snapshots else None
     if state.get("phase") == "main": _restore(learn, state, with_opt=done["main"] < epochs)
     if done["main"] < epochs:
         cbs = (_callbacks(monitor, patience, history, max(from_epoch, done["main"]), trackers=state.get("trackers"))
                + [Checkpoint(checkpoint, "main", history, info, state)]
-               + ([ProgressiveResize(sizes)] if sizes[0] != full else []))
+               + ([ProgressiveResize(sizes)] if sizes[0] != full else []) + ([snapshot_cb] if snapshot_cb else []))
         if schedule == "one_cycle":
             kwargs = dict(pct_start=0.3, div=5.0) if pretrained else {}
             learn.fit_one_cycle(epochs, lrs, cbs=cbs, start_epoch=done["main"], **kwargs)
@@ -451,8 +480,8 @@ def train(
     return {"lr": base_lr, "lr_find_suggestion": lr_found, "epochs_run": len(history.rows), "best_epoch": best["epoch"],
             "best": {monitor: best[monitor]}, "early_stopped": len(main_rows) < epochs,
             "train_seconds": round(time.time() - start, 1), "lr_find_seconds": round(lr_find_seconds, 1),
-            "sizes": sizes, "resumed_from": ({"phase": state["phase"], "epochs_done": state["epochs_done"]}
-                                             if state else None)}
+            "sizes": sizes, "snapshots": snapshot_cb.saved(out_dir / learn.model_dir) if snapshot_cb else [],
+            "resumed_from": ({"phase": state["phase"], "epochs_done": state["epochs_done"]} if state else None)}
 
 
 def _epochs_done(state: dict, freeze_epochs: int) -> dict:

@@ -133,6 +133,7 @@ def test_help_lists_the_architectures():
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"), (["--wd", "-0.1"], "--wd must be 0 or more"),
     (["--lr-mult", "0"], "--lr-mult must be a positive number"), (["--valid-pct", "1.5"], "--valid-pct must be between"),
     (["--weights", "/no/such.pth"], "no such file"), (["--schedule", "cosine"], "invalid choice"),
+    (["--snapshots"], "--snapshots takes the weights at the end of each SGDR cycle: add --schedule sgdr"),
     (["--bogus"], "unrecognized arguments")])
 def test_options_are_checked_before_any_work(args, message, tmp_path):
     res = _cli("fracture_fastai.run", "--data", "/no/such/folder", *args, "--out", str(tmp_path / "never"))
@@ -245,3 +246,22 @@ def test_a_run_killed_in_its_frozen_phase_resumes_there(tmp_path):
     a, b = pd.read_csv(out / "history.csv"), pd.read_csv(whole / "history.csv")
     assert list(a.phase) == ["frozen", "frozen", "unfrozen"]
     assert (a[["train_loss", "valid_loss"]] - b[["train_loss", "valid_loss"]]).abs().max().max() < 1e-6
+
+
+def test_snapshot_ensemble_is_scored_and_predicts(demo_export, tmp_path):
+    "--snapshots: each SGDR cycle's end kept as a model folder, their mean scored in metrics.json, predict takes them."
+    from fracture_fastai.run import main
+    out = tmp_path / "snap"
+    main(["--arch", "cnn", "--data", str(demo_export), "--size", "32", "--epochs", "2", "--bs", "4", "--schedule", "sgdr",
+          "--cycle-len", "1", "--snapshots", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        ens = metrics[split]["snapshot_ensemble"]
+        assert ens["models"] == ["snapshot0", "snapshot1"] and len(ens["member_accuracy"]) == 2
+        assert ens["n"] == metrics[split]["n"] and 0 <= ens["accuracy"] <= 1
+    assert {p.name for p in (out / "models").iterdir()} == {"best.pth"}  # the .pth snapshots became model folders
+    images = sorted(p for p in demo_export.rglob("*") if p.suffix in (".jpg", ".png"))[:2]
+    res = _cli("fracture_fastai.predict", str(out / "snapshots" / "snapshot0"), "--ensemble",
+               str(out / "snapshots" / "snapshot1"), *map(str, images), "--csv", str(tmp_path / "p.csv"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(images)

@@ -188,3 +188,14 @@ def test_the_model_gets_plain_tensors(demo_dls):
     assert type(demo_dls.one_batch()[0]).__name__ == "TensorImage" and spy.seen is torch.Tensor
     preds, targets = learn.get_preds()
     assert preds.shape == (len(demo_dls.valid_ds), demo_dls.c)
+
+
+def test_snapshots_are_the_weights_at_each_cycle_s_end(demo_dls, tmp_path):
+    learn = radiograph_learner("cnn", demo_dls)
+    summary = train(learn, epochs=4, lr=1e-3, schedule="sgdr", cycle_len=1, cycle_mult=2, out_dir=tmp_path,
+                    snapshots=True)
+    assert summary["snapshots"] == ["snapshot0", "snapshot2", "snapshot3"]  # cycles of 1, 2, then the 1 left
+    saved = [torch.load(tmp_path / "models" / f"{n}.pth") for n in summary["snapshots"]]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # trained on between the two
+    with pytest.raises(UserError, match="add --schedule sgdr"):
+        train(learn, epochs=2, schedule="one_cycle", out_dir=tmp_path, snapshots=True)
