@@ -180,6 +180,11 @@ def _split_section(name: str, m: dict) -> str:
     parts = [f"<h3>{_e(name)}</h3>"]
     summary = {"images": m.get("n"), "accuracy": _with_ci(m.get("accuracy"), m.get("accuracy_ci95")),
                "macro-F1": _with_ci(m.get("macro_f1"), None), "loss": _with_ci(m.get("loss"), None)}
+    snap = m.get("snapshot_ensemble")
+    if isinstance(snap, dict):  # --snapshots: SGDR's cycle ends as one ensemble
+        summary["snapshot ensemble accuracy"] = (f"{_with_ci(snap.get('accuracy'), snap.get('accuracy_ci95'))} "
+                                                 f"({len(snap.get('models', []))} snapshots, alone: "
+                                                 f"{', '.join(_fmt(_round(a)) for a in snap.get('member_accuracy', []))})")
     parts.append(_kv_table({k: v for k, v in summary.items() if v not in (None, "")}))
     per_class = m.get("per_class") or {}
     if per_class:

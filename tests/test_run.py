@@ -260,6 +260,7 @@ def test_snapshot_ensemble_is_scored_and_predicts(demo_export, tmp_path):
         assert ens["models"] == ["snapshot0", "snapshot1"] and len(ens["member_accuracy"]) == 2
         assert ens["n"] == metrics[split]["n"] and 0 <= ens["accuracy"] <= 1
     assert {p.name for p in (out / "models").iterdir()} == {"best.pth"}  # the .pth snapshots became model folders
+    assert "snapshot ensemble accuracy" in (out / "report.html").read_text()
     images = sorted(p for p in demo_export.rglob("*") if p.suffix in (".jpg", ".png"))[:2]
     res = _cli("fracture_fastai.predict", str(out / "snapshots" / "snapshot0"), "--ensemble",
                str(out / "snapshots" / "snapshot1"), *map(str, images), "--csv", str(tmp_path / "p.csv"))
