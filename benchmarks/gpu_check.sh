@@ -87,7 +87,7 @@ print("cuda available:", torch.cuda.is_available(), "|", torch.cuda.get_device_n
 EOF
 
 step "pytest -m gpu (fp16 on CUDA, export predicting on the CPU)"
-timeout -k 10 "$(left 240)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee /tmp/gpu_pytest.out
+timeout -k 10 "$(left 240)" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu tests/test_gpu.py 2>&1 | tee /tmp/gpu_pytest.out
 rc=$?
 summary=$(tail -n 1 /tmp/gpu_pytest.out)
 # Skipped tests prove nothing here: on this machine every one of them must run and pass.

@@ -7,6 +7,7 @@ nothing about real radiographs.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -90,7 +91,7 @@ def make_demo(dest=None, n_train: int = 40, n_valid: int = 10, n_test: int = 10,
     if (dest / "data.yaml").exists():
         return dest
     rng = np.random.default_rng(seed)
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")  # two processes making it at once never share one
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         (tmp / split / "images").mkdir(parents=True, exist_ok=True)
         (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,10 @@ def make_demo(dest=None, n_train: int = 40, n_valid: int = 10, n_test: int = 10,
     (tmp / "data.yaml").write_text(
         "# fracture_fastai demo: SYNTHETIC radiograph-like images, not real data\n"
         f"train: train/images\nval: valid/images\ntest: test/images\nnc: {len(REGIONS)}\nnames: [{names}]\n")
-    tmp.rename(dest)  # appears whole or not at all, so an interrupted run never leaves half a dataset
+    try: tmp.rename(dest)  # appears whole or not at all, so an interrupted run never leaves half a dataset
+    except OSError:
+        if not (dest / "data.yaml").exists(): raise
+        shutil.rmtree(tmp)  # another process finished first: the same images (same seed), keep theirs
     return dest
 
 

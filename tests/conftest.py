@@ -88,3 +88,22 @@ def tiny_run(tmp_path_factory):
         res = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
     return out, images(root / "test", 8, 1)
+
+
+@pytest.fixture
+def cli_exit(capsys):
+    """Call a command line's `main(argv)` in this process: `(exit code, stderr)`. For the many bad-input checks, which
+    fail before any work; one check per command still runs in a fresh process (`python -m`), imports and all."""
+    import signal
+
+    def _call(main, argv):
+        sigterm = signal.getsignal(signal.SIGTERM)  # run's main turns SIGTERM into Ctrl-C: not in the test process
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+        return code, capsys.readouterr().err
+    return _call

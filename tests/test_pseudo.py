@@ -107,7 +107,8 @@ def test_run_with_pseudo_labels(export_with_unlabelled, teacher, tmp_path):
     (["--pseudo-labels", "no/such/run"], "--pseudo-labels no/such/run: no such run folder"),
     (["--pseudo-threshold", "0"], "--pseudo-threshold must be in (0, 1]"),
 ])
-def test_bad_pseudo_options_fail_before_any_work(args, message, tmp_path):
-    res = _cli("fracture_fastai.run", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *args)
-    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_bad_pseudo_options_fail_before_any_work(args, message, tmp_path, cli_exit):
+    from fracture_fastai.run import main
+    code, err = cli_exit(main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *args])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

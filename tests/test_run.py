@@ -103,11 +103,18 @@ def test_demo_run_is_synthetic_and_says_so(tmp_path):
                                           (["--epochs", "0"], "--epochs must be at least 1"),
                                           (["--min-size", "8"], "--min-size must be 0 (off) or at least 32"),
                                           (["--num-workers", "-1"], "--num-workers must be 0 or more")])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    res = _cli("fracture_fastai.run", *args, "--out", str(tmp_path / "never"))
-    assert res.returncode == 2 and message in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, cli_exit):
+    from fracture_fastai.run import main
+    code, err = cli_exit(main, [*args, "--out", str(tmp_path / "never")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "never").exists()  # no empty run folder left behind
+
+
+def test_bad_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
+    "As a user meets it: `python -m`, imports and all, print nothing but the one line."
+    res = _cli("fracture_fastai.run", "--arch", "alexnet", "--out", str(tmp_path / "never"))
+    assert res.returncode == 2 and res.stderr.startswith("error: unknown architecture 'alexnet'")
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
 
 
 def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
@@ -135,17 +142,19 @@ def test_help_lists_the_architectures():
     (["--weights", "/no/such.pth"], "no such file"), (["--schedule", "cosine"], "invalid choice"),
     (["--snapshots"], "--snapshots takes the weights at the end of each SGDR cycle: add --schedule sgdr"),
     (["--bogus"], "unrecognized arguments")])
-def test_options_are_checked_before_any_work(args, message, tmp_path):
-    res = _cli("fracture_fastai.run", "--data", "/no/such/folder", *args, "--out", str(tmp_path / "never"))
-    assert res.returncode == 2 and message in res.stderr, res.stderr  # the option, not the missing data, is reported
-    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+def test_options_are_checked_before_any_work(args, message, tmp_path, cli_exit):
+    from fracture_fastai.run import main
+    code, err = cli_exit(main, ["--data", "/no/such/folder", *args, "--out", str(tmp_path / "never")])
+    assert code == 2 and message in err, err  # the option, not the missing data, is reported
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
 
 
-def test_unusable_out_is_refused_before_any_work(tmp_path):
+def test_unusable_out_is_refused_before_any_work(tmp_path, cli_exit):
+    from fracture_fastai.run import main
     (tmp_path / "a_file").write_text("x")
     for out, message in [(tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "run", "lies under the file")]:
-        res = _cli("fracture_fastai.run", "--data", "/no/such/folder", "--out", str(out))
-        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        code, err = cli_exit(main, ["--data", "/no/such/folder", "--out", str(out)])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "a_file").read_text() == "x"
 
 
