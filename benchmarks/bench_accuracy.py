@@ -2,7 +2,7 @@
 most 6 minutes on a 2-core CPU; accuracy issue: `fast` >= 0.88, `best` >= 0.92 as 3-seed means). Prints measured
 values and ratios; asserts nothing.
 
-    python benchmarks/bench_accuracy.py [--recipe fast] [--arch tf_efficientnet_lite0] [--seeds 3] [--out DIR]
+    python benchmarks/bench_accuracy.py [--recipe fast] [--arch ARCH] [--seeds 3] [--out DIR]
                                         [-- extra run options]
 
 Per seed: validation accuracy [95 % CI], macro-F1, wrist recall, Grad-CAM pointing game, minutes (and, with
@@ -24,12 +24,13 @@ TARGET_ACCURACY = {"fast": 0.88, "best": 0.92}  # 3-seed means; the speed issue'
 
 def _one_run(args, extra, seed):
     out = ["--out", f"{args.out}-seed{seed}" if args.seeds > 1 else args.out] if args.out else []
-    run_dir, minutes = timed_run(["--recipe", args.recipe, "--arch", args.arch, "--data", args.data, "--seed", seed,
-                                  *extra, *out])
+    arch_option = ["--arch", args.arch] if args.arch else []  # else the recipe's
+    run_dir, minutes = timed_run(["--recipe", args.recipe, *arch_option, "--data", args.data, "--seed", seed, *extra, *out])
     valid = json.loads((run_dir / "metrics.json").read_text())["valid"]
-    weights = json.loads((run_dir / "config.json").read_text()).get("weights", "?")
-    if weights.startswith("none") and args.arch != "cnn":  # a number that says nothing about the recipe
-        print(f"WARNING: seed {seed} trained {args.arch} from scratch ({weights}); install its weights "
+    config = json.loads((run_dir / "config.json").read_text())
+    weights, arch = config.get("weights", "?"), config["options"]["arch"]
+    if weights.startswith("none") and arch != "cnn":  # a number that says nothing about the recipe
+        print(f"WARNING: seed {seed} trained {arch} from scratch ({weights}); install its weights "
               "(python -m fracture_fastai.run --pretrained require says how)", flush=True)
     snap = valid.get("snapshot_ensemble")  # --schedule sgdr --snapshots: the cycles' ends as one ensemble
     if snap:
@@ -44,7 +45,7 @@ def _one_run(args, extra, seed):
           f"run folder {run_dir}",
           flush=True)
     return {"run": run_dir, "accuracy": valid["accuracy"], "macro_f1": valid["macro_f1"], "wrist": wrist,
-            "pointing": pointing, "minutes": minutes, "snapshots": snap["accuracy"] if snap else None}
+            "pointing": pointing, "minutes": minutes, "arch": arch, "snapshots": snap["accuracy"] if snap else None}
 
 
 def _mean(values):
@@ -55,7 +56,7 @@ def _mean(values):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="fast", help="the run's --recipe (fast, best)")
-    p.add_argument("--arch", default="tf_efficientnet_lite0")
+    p.add_argument("--arch", default=None, help="the run's --arch; default: the recipe's")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bone-fracture-yolo8"))
     p.add_argument("--out", default=None, help="run folder (suffixed -seedN with several seeds); default runs/<timestamp>-<arch>")
     p.add_argument("--seeds", type=int, default=1, help="runs with seeds 42, 43, ...: per-seed values, their mean and CI")
@@ -68,7 +69,7 @@ def main():
     runs = [r["run"] for r in results]
     mean, low, high = seed_ci([r["accuracy"] for r in results])
     minutes = max(r["minutes"] for r in results)
-    print(f"\nrecipe {args.recipe}, arch {args.arch}, {len(results)} seed(s): mean validation accuracy {mean:.4f} "
+    print(f"\nrecipe {args.recipe}, arch {results[0]['arch']}, {len(results)} seed(s): mean validation accuracy {mean:.4f} "
           f"(95% CI over seeds {low:.3f}-{high:.3f}), mean macro-F1 {_mean(r['macro_f1'] for r in results):.4f}, "
           f"mean wrist recall {_mean(r['wrist'] for r in results):.3f}, "
           f"mean pointing game {_mean(r['pointing'] for r in results):.3f}")

@@ -19,9 +19,10 @@ SIZE = 192  # measured on the YOLO export: 0.879 validation accuracy in 8 epochs
 DEMO_SIZE = 128  # the demo's images are small and synthetic: no need for more there
 
 # Named recipes: option defaults that `--recipe NAME` puts in place; options given explicitly still win.
-# `fast` is the defaults themselves. What each was measured to do is in the README's "Recipes" section.
+# `fast` (the default recipe) is lite0 with the defaults below. What each was measured to do is in the README's
+# "Recipes" section.
 RECIPES = {
-    "fast": {},
+    "fast": {"arch": "tf_efficientnet_lite0"},
 }
 
 
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m fracture_fastai.run",
         description="Train, evaluate, interpret and export one model; everything goes to a new run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet18", metavar="ARCH", help=f"architecture, one of: {', '.join(archs)}")
+    p.add_argument("--arch", default="tf_efficientnet_lite0", metavar="ARCH",
+                   help=f"architecture, one of: {', '.join(archs)}; default: --recipe's")
     p.add_argument("--data", default=None, help="YOLO export, folder tree of classes, CSV or FracAtlas folder; default: the built-in synthetic demo")
     p.add_argument("--out", default=None, help="run folder (must not exist yet); default: runs/<timestamp>-<arch>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
