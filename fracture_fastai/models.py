@@ -1,7 +1,8 @@
 """The architecture registry (name -> how to build it), the custom `FractureCNN`, where pretrained weights come from,
 and one factory, `create_learner`, that gives a fastai `Learner` for any registered arch.
 
-Every architecture quirk (torchvision vs timm, key names in weight files, normalisation stats) stays in this module.
+Every architecture quirk (torchvision vs timm, key names in weight files, normalisation stats) stays in this module,
+and in `resnet_keras.py` for Keras's ResNet-50, which only this module uses.
 """
 from __future__ import annotations
 
