@@ -120,6 +120,9 @@ def test_bad_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
 def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
     from fracture_fastai import run
     assert run.parse_args([]).recipe == "fast" and run.parse_args([]).arch == "tf_efficientnet_lite0"
+    best = run.parse_args(["--recipe", "best"])
+    assert (best.arch, best.pretrained, best.size) == ("tf_efficientnet_lite1", "require", None)
+    assert run.parse_args(["--recipe", "best", "--pretrained", "auto"]).pretrained == "auto"
     monkeypatch.setitem(run.RECIPES, "wide", {"size": 256, "epochs": 12, "label_smoothing": 0.1})
     args = run.parse_args(["--recipe", "wide"])
     assert (args.size, args.epochs, args.label_smoothing, args.bs) == (256, 12, 0.1, 32)
