@@ -184,8 +184,10 @@ def _run_until_checkpoint(out, sig, args=RESUMABLE):
     import signal
     import time
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child: give it back Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "fracture_fastai.run", *args, "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = out / "models" / "checkpoint.pth"
     while not checkpoint.exists() and proc.poll() is None:
         time.sleep(0.005)

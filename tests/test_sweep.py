@@ -79,7 +79,9 @@ def test_sweep_on_the_demo_resumes_after_an_interruption(tmp_path):
            "--seeds", "2", "--out", str(out), *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child: give it back Ctrl-C.
+    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and first.poll() is None:  # stop it as soon as the second run has its folder
         if (out / "no_clahe-false_seed-43" / "config.json").is_file():
