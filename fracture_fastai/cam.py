@@ -536,34 +536,53 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- Grad-CAM as supervision (--cam-loss)
 
+CAM_FORMS = ("graph", "features")  # `run --cam-form`: what the cam loss may change (see `cam_pointing_loss`)
+CAM_SHARPNESS = 4.0
+
+
 def cam_pointing_loss(
     acts: torch.Tensor,  # the body's feature map (bs, k, h, w), part of the autograd graph
     scores: torch.Tensor,  # each image's logit of its labelled class (bs,), computed from `acts`
     masks: torch.Tensor,  # (bs, 1, H, W) fracture masks in [0, 1] at the input size
+    form: str = "graph",  # "graph": the Grad-CAM keeps its whole graph; "features": channel weights fixed, map standardised
+    sharpness: float = CAM_SHARPNESS,  # "features": the softmax's scale on the standardised map
 ) -> torch.Tensor | None:
     """Mean over the images with a fracture mask of -log(share of the Grad-CAM's softmax over the feature-map cells
     that falls on cells the fracture touches): small where the map's peak, which the pointing game scores, lies on
-    the fracture. Differentiable (the Grad-CAM weights keep their graph); None where no image has a mask."""
+    the fracture. None where no image has a mask.
+
+    `form="graph"` differentiates through the Grad-CAM's channel weights too (a double backward through the head),
+    so the loss can also fall by sharpening the map's scale, that is by growing the head's logits.
+    `form="features"` holds the channel weights fixed (no double backward: the head gets nothing from this loss)
+    and standardises each map (zero mean, unit deviation over its cells) before a softmax of scale `sharpness`: the
+    loss cannot change with the map's scale, only with where the body's features put its peak. Divided by
+    `sharpness`, it is about how many deviations the map's highest cell off the fracture stands above its highest
+    cell on it (a soft maximum), and near 0 once the peak is on the fracture: the rest of the map is left to the
+    classifier, where the plain softmax keeps pulling all of the map's mass onto the fracture."""
+    if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
     region = F.adaptive_max_pool2d(masks.float(), acts.shape[-2:])[:, 0] > 0.5  # cells the fracture touches
     known = region.flatten(1).any(1)
     if not known.any(): return None
-    (grads,) = torch.autograd.grad(scores.sum(), acts, create_graph=True)
-    cam = (grads.mean((2, 3), keepdim=True) * acts).sum(1)  # Grad-CAM before its ReLU: (bs, h, w)
-    logp = cam.flatten(1).float().log_softmax(1)
+    graph = form == "graph"
+    (grads,) = torch.autograd.grad(scores.sum(), acts, create_graph=graph, retain_graph=True)
+    cam = (grads.mean((2, 3), keepdim=True) * acts).sum(1).float()  # Grad-CAM before its ReLU: (bs, h, w)
+    if not graph: cam = sharpness * (cam - cam.mean((1, 2), keepdim=True)) / (cam.std((1, 2), keepdim=True) + 1e-6)
+    logp = cam.flatten(1).log_softmax(1)
     inside = logp.masked_fill(~region.flatten(1), float("-inf")).logsumexp(1)
-    return -inside[known].mean()
+    return -inside[known].mean() / (1.0 if graph else sharpness)
 
 
 class CamSupervision(Callback):
-    """Training callback (`run --cam-loss W`): adds W * `cam_pointing_loss` of each image's labelled class to the
+    """Training callback (`run --cam-loss W --cam-form F`): adds W * `cam_pointing_loss` of each image's labelled class to the
     loss, with the fracture masks that `SplitMask` took off the batch. Validation and the losses fastai records are
     left as they are (`epoch_means` keeps the added loss); where no gradient reaches the feature map (a body frozen
     with its batch norms too) a batch trains as usual."""
     order = 5  # after the batch is made, before the loss that fastai's later callbacks (fp16 scaling) work on
 
-    def __init__(self, weight: float = 1.0):
+    def __init__(self, weight: float = 1.0, form: str = "graph"):
         if not weight > 0: raise UserError(f"cam loss weight must be > 0, got {weight}")
-        self.weight, self.cam_loss, self.acts = weight, None, None
+        if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
+        self.weight, self.form, self.cam_loss, self.acts = weight, form, None, None
         self.losses, self.epoch_means = [], []  # per training batch; per epoch (None where none was computed), over every fit
 
     def before_fit(self):
@@ -589,7 +608,7 @@ class CamSupervision(Callback):
         masks = self.split.last
         if not self.training or masks is None or acts is None or not acts.requires_grad: return
         scores = self.pred.gather(1, self.yb[0].long()[:, None])[:, 0]
-        self.cam_loss = cam_pointing_loss(acts, scores, masks.to(acts.device))
+        self.cam_loss = cam_pointing_loss(acts, scores, masks.to(acts.device), self.form)
 
     def after_loss(self):
         if self.training and self.cam_loss is not None:

@@ -83,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cam-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a loss that moves each training image's Grad-CAM peak onto its annotated "
                         "fracture (polygons or boxes; 0 = off): the annotations as supervision")
+    g.add_argument("--cam-form", choices=["graph", "features"], default="graph",
+                   help="--cam-loss: graph = through the whole Grad-CAM, head included; features = the Grad-CAM's "
+                        "channel weights held fixed and each map standardised, so that only where the body's "
+                        "features peak can change, not the logits' scale")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (0 = off)")
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
@@ -176,6 +180,8 @@ def _check_options(args):
     need(0 < args.pseudo_threshold <= 1, "pseudo-threshold", "in (0, 1]")
     if args.snapshots and args.schedule != "sgdr":
         raise UserError("--snapshots takes the weights at the end of each SGDR cycle: add --schedule sgdr")
+    if args.cam_form != "graph" and not args.cam_loss > 0:
+        raise UserError(f"--cam-form {args.cam_form} shapes the loss of --cam-loss: add --cam-loss WEIGHT (e.g. 5)")
     for teacher in args.pseudo_labels:
         if not Path(teacher).expanduser().exists():
             raise UserError(f"--pseudo-labels {teacher}: no such run folder or model file; pass a run folder of "
@@ -278,7 +284,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     cam = None
     if args.cam_loss > 0:
         from .cam import CamSupervision
-        cam = CamSupervision(args.cam_loss)
+        cam = CamSupervision(args.cam_loss, args.cam_form)
         cbs = [*cbs, cam]  # training only: taken out with the others before the export
     learn.add_cbs(cbs)
     info, precision = learn.weights_info, precision_of(learn)

@@ -86,6 +86,44 @@ def test_the_loss_is_small_where_the_map_s_peak_is_on_the_fracture():
     assert cam_pointing_loss(on.requires_grad_(), on.sum((1, 2, 3)), torch.zeros(2, 1, 8, 8)) is None
 
 
+def test_the_features_form_moves_the_peak_but_cannot_scale_the_map_or_reach_the_head():
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, 0, :4, :4] = 1  # the fracture in the top-left cell of a 2 x 2 map
+    head = torch.nn.Linear(3, 2)
+    def loss_of(acts, form="features", scale=1.0):
+        scores = (head(acts.mean((2, 3))) * scale)[:, 1]
+        return cam_pointing_loss(acts, scores, masks, form)
+    acts = torch.rand(2, 3, 2, 2)
+    acts[:, :, 1, 1] += 3  # the peak off the fracture
+    acts.requires_grad_()
+    # The standardised map does not change with the logits' scale; the graph form falls as they grow (a sharper map).
+    assert float(loss_of(acts, scale=10)) == pytest.approx(float(loss_of(acts)), rel=1e-4)
+    assert float(loss_of(acts, "graph", scale=10)) != pytest.approx(float(loss_of(acts, "graph")), rel=1e-2)
+    # The head gets no gradient from the features form, and does from the graph form.
+    loss_of(acts).backward()
+    assert head.weight.grad is None and acts.grad is not None and acts.grad.abs().sum() > 0
+    loss_of(acts, "graph").backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    # Its gradient moves the body's features until the peak is on the fracture.
+    body = acts.detach().clone().requires_grad_()
+    opt = torch.optim.SGD([body], lr=0.5)
+    before = float(loss_of(body))
+    for _ in range(50):
+        opt.zero_grad(); loss_of(body).backward(); opt.step()
+    with torch.no_grad():
+        w = head.weight[1]  # Grad-CAM of class 1 of a linear head on average-pooled features: the weights of class 1
+        cam = (w[None, :, None, None] * body).sum(1)
+    assert float(loss_of(body)) < before and all(int(c.flatten().argmax()) == 0 for c in cam)
+    # Only the peak counts: a strong second cell off the fracture costs little once the highest cell is on it.
+    def map_loss(values):
+        a = torch.tensor(values, dtype=torch.float32).reshape(1, 1, 2, 2).expand(2, 1, 2, 2).clone().requires_grad_()
+        return float(cam_pointing_loss(a, a.mean((2, 3)).sum(1), masks, "features"))
+    assert map_loss([3.0, 2.0, 0.0, 0.0]) < 0.05 < 0.5 < map_loss([2.0, 3.0, 0.0, 0.0])
+    with pytest.raises(Exception, match="form must be one of graph, features"):
+        cam_pointing_loss(acts, acts.sum((1, 2, 3)), masks, "sharp")
+
+
 def test_the_callback_adds_to_the_training_loss_only(bright_fractures):
     from fracture_fastai.train import radiograph_learner
     table = load_table(bright_fractures)
@@ -106,16 +144,21 @@ def test_run_with_cam_loss_exports_a_plain_model(bright_fractures, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "fracture_fastai.run", "--arch", "cnn", "--data", str(bright_fractures),
-                          "--size", "32", "--epochs", "1", "--bs", "4", "--lr", "1e-3", "--cam-loss", "0.5", "--out", str(out)],
+                          "--size", "32", "--epochs", "1", "--bs", "4", "--lr", "1e-3", "--cam-loss", "0.5",
+                          "--cam-form", "features", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["options"]["cam_loss"] == 0.5
+    assert config["options"]["cam_loss"] == 0.5 and config["options"]["cam_form"] == "features"
     assert len(config["training"]["cam_loss_per_epoch"]) == 1 and config["training"]["cam_loss_per_epoch"][0] > 0  # cnn: no frozen epoch
     assert "localisation" in json.loads((out / "metrics.json").read_text())["valid"]
     res = subprocess.run([sys.executable, "-m", "fracture_fastai.predict", str(out),
                           str(bright_fractures / "valid" / "images" / "img1.png")], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "img1.png" in res.stdout, res.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-m", "fracture_fastai.run", "--cam-loss", "-1", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "--cam-loss must be 0 (off) or a positive weight" in bad.stderr
+
+@pytest.mark.parametrize("args,message", [(["--cam-loss", "-1"], "--cam-loss must be 0 (off) or a positive weight"),
+                                          (["--cam-form", "features"], "add --cam-loss WEIGHT")])
+def test_bad_cam_options_are_one_line_and_exit_2(args, message, tmp_path, cli_exit):
+    from fracture_fastai.run import main
+    code, err = cli_exit(main, [*args, "--out", str(tmp_path / "never")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
