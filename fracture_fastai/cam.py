@@ -540,12 +540,44 @@ CAM_FORMS = ("graph", "features")  # `run --cam-form`: what the cam loss may cha
 CAM_SHARPNESS = 4.0
 
 
+def hit_cells(
+    masks: torch.Tensor,  # (bs, 1, H, W) fracture masks in [0, 1] at the input size
+    cells: tuple,  # (h, w) of the feature map
+    tolerance: float = DEFAULT_TOLERANCE,  # the pointing game's slack, as a share of the input's longer side
+) -> torch.Tensor:
+    """(bs, h, w) bool: the feature-map cells whose centre lies within `tolerance` of the mask. Upsampled bilinearly
+    (as `gradcam` does), a map peaks at its highest cell's centre, so these are the cells whose peak the pointing
+    game (`localisation_scores`) counts as a hit."""
+    (H, W), (h, w) = masks.shape[-2:], cells
+    r = tolerance * max(H, W)
+    k = int(math.floor(r))
+    dy, dx = torch.meshgrid(torch.arange(-k, k + 1), torch.arange(-k, k + 1), indexing="ij")
+    disk = dy.square() + dx.square() <= r * r  # pixel offsets within the slack (the pointing game's L2 distance)
+    dy, dx = dy[disk].to(masks.device), dx[disk].to(masks.device)
+    # The pixel where argmax finds the peak of cell i after a bilinear upsampling (align_corners=False): nearest its
+    # centre (i + 0.5) * H / h - 0.5, the first of two where it falls between them; but the upsampling holds the
+    # first and last cells' values flat out to the edges, so there the first pixel of that plateau: 0, and the
+    # first pixel at or past the last centre.
+    def peaks(n_cells, n_px):
+        centre = (torch.arange(n_cells, device=masks.device) + 0.5) * n_px / n_cells - 0.5
+        px = (centre - 0.5).ceil()
+        px[-1] = centre[-1].ceil()
+        px[0] = 0
+        return px.long()
+    cy, cx = peaks(h, H), peaks(w, W)
+    ys = (cy[:, None, None] + dy).clamp(0, H - 1)  # (h, 1, K)
+    xs = (cx[None, :, None] + dx).clamp(0, W - 1)  # (1, w, K)
+    inside = masks[:, 0] > 0.5
+    return inside[:, ys, xs].any(-1)  # (bs, h, w)
+
+
 def cam_pointing_loss(
     acts: torch.Tensor,  # the body's feature map (bs, k, h, w), part of the autograd graph
     scores: torch.Tensor,  # each image's logit of its labelled class (bs,), computed from `acts`
     masks: torch.Tensor,  # (bs, 1, H, W) fracture masks in [0, 1] at the input size
     form: str = "graph",  # "graph": the Grad-CAM keeps its whole graph; "features": channel weights fixed, map standardised
     sharpness: float = CAM_SHARPNESS,  # "features": the softmax's scale on the standardised map
+    tolerance: float = DEFAULT_TOLERANCE,  # "features": the pointing game's slack, as a share of the input's longer side
 ) -> torch.Tensor | None:
     """Mean over the images with a fracture mask of -log(share of the Grad-CAM's softmax over the feature-map cells
     that falls on cells the fracture touches): small where the map's peak, which the pointing game scores, lies on
@@ -558,12 +590,17 @@ def cam_pointing_loss(
     loss cannot change with the map's scale, only with where the body's features put its peak. Divided by
     `sharpness`, it is about how many deviations the map's highest cell off the fracture stands above its highest
     cell on it (a soft maximum), and near 0 once the peak is on the fracture: the rest of the map is left to the
-    classifier, where the plain softmax keeps pulling all of the map's mass onto the fracture."""
+    classifier, where the plain softmax keeps pulling all of the map's mass onto the fracture. Its cells "on the
+    fracture" are those the pointing game would score as a hit (`hit_cells`), not every cell the fracture touches;
+    an image whose fracture lies within `tolerance` of no cell centre keeps the touched cells."""
     if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
+    graph = form == "graph"
     region = F.adaptive_max_pool2d(masks.float(), acts.shape[-2:])[:, 0] > 0.5  # cells the fracture touches
+    if not graph:  # the cells whose peak the pointing game counts as a hit, where an image has any
+        hits = hit_cells(masks, acts.shape[-2:], tolerance)
+        region = torch.where(hits.flatten(1).any(1)[:, None, None], hits, region)
     known = region.flatten(1).any(1)
     if not known.any(): return None
-    graph = form == "graph"
     (grads,) = torch.autograd.grad(scores.sum(), acts, create_graph=graph, retain_graph=True)
     cam = (grads.mean((2, 3), keepdim=True) * acts).sum(1).float()  # Grad-CAM before its ReLU: (bs, h, w)
     if not graph: cam = sharpness * (cam - cam.mean((1, 2), keepdim=True)) / (cam.std((1, 2), keepdim=True) + 1e-6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fracture_fastai.cam import CamSupervision, cam_pointing_loss
+from fracture_fastai.cam import CamSupervision, _image_scores, cam_pointing_loss, hit_cells
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import DataError
 from fracture_fastai.transforms import MaskedRadiograph, SplitMask
@@ -122,6 +122,26 @@ def test_the_features_form_moves_the_peak_but_cannot_scale_the_map_or_reach_the_
     assert map_loss([3.0, 2.0, 0.0, 0.0]) < 0.05 < 0.5 < map_loss([2.0, 3.0, 0.0, 0.0])
     with pytest.raises(Exception, match="form must be one of graph, features"):
         cam_pointing_loss(acts, acts.sum((1, 2, 3)), masks, "sharp")
+
+
+@pytest.mark.parametrize("size,cells", [(99, 3), (96, 3), (70, 4)])  # whole-pixel peaks, tied pixels, uneven cells
+def test_hit_cells_are_the_cells_whose_peak_the_pointing_game_scores_as_a_hit(size, cells):
+    rng = np.random.default_rng(size)
+    tolerance = 0.04
+    masks = torch.zeros(60, 1, size, size)
+    for m in masks:  # small boxes anywhere, some near no cell centre
+        h, w = rng.integers(1, 12, 2)
+        y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+        m[0, y:y + h, x:x + w] = 1
+    got = hit_cells(masks, (cells, cells), tolerance)
+    expected = torch.zeros_like(got)
+    for i in range(cells * cells):  # a map peaking on cell i, upsampled as gradcam does, scored by the metric itself
+        cam = torch.zeros(1, 1, cells, cells)
+        cam.view(-1)[i] = 1.0
+        cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        for b, m in enumerate(masks):
+            expected[b].view(-1)[i] = _image_scores(cam, m[0].numpy() > 0.5, tolerance * size)[0]
+    assert torch.equal(got, expected) and 0 < int(got.flatten(1).any(1).sum()) < len(masks)
 
 
 def test_the_callback_adds_to_the_training_loss_only(bright_fractures):
