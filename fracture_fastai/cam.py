@@ -540,6 +540,10 @@ CAM_FORMS = ("graph", "features")  # `run --cam-form`: what the cam loss may cha
 CAM_SHARPNESS = 4.0
 
 
+def _check_form(form: str):
+    if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
+
+
 def hit_cells(
     masks: torch.Tensor,  # (bs, 1, H, W) fracture masks in [0, 1] at the input size
     cells: tuple,  # (h, w) of the feature map
@@ -593,7 +597,7 @@ def cam_pointing_loss(
     classifier, where the plain softmax keeps pulling all of the map's mass onto the fracture. Its cells "on the
     fracture" are those the pointing game would score as a hit (`hit_cells`), not every cell the fracture touches;
     an image whose fracture lies within `tolerance` of no cell centre keeps the touched cells."""
-    if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
+    _check_form(form)
     graph = form == "graph"
     region = F.adaptive_max_pool2d(masks.float(), acts.shape[-2:])[:, 0] > 0.5  # cells the fracture touches
     if not graph:  # the cells whose peak the pointing game counts as a hit, where an image has any
@@ -618,7 +622,7 @@ class CamSupervision(Callback):
 
     def __init__(self, weight: float = 1.0, form: str = "graph"):
         if not weight > 0: raise UserError(f"cam loss weight must be > 0, got {weight}")
-        if form not in CAM_FORMS: raise UserError(f"cam loss form must be one of {', '.join(CAM_FORMS)}; got {form!r}")
+        _check_form(form)
         self.weight, self.form, self.cam_loss, self.acts = weight, form, None, None
         self.losses, self.epoch_means = [], []  # per training batch; per epoch (None where none was computed), over every fit
 

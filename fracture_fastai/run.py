@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cam-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a loss that moves each training image's Grad-CAM peak onto its annotated "
                         "fracture (polygons or boxes; 0 = off): the annotations as supervision")
-    g.add_argument("--cam-form", choices=["graph", "features"], default="graph",
+    g.add_argument("--cam-form", choices=["graph", "features"], default="graph",  # cam.CAM_FORMS (cam imports fastai)
                    help="--cam-loss: graph = through the whole Grad-CAM, head included; features = the Grad-CAM's "
                         "channel weights held fixed and each map standardised, so that only where the body's "
                         "features peak can change, not the logits' scale")
@@ -181,7 +181,7 @@ def _check_options(args):
     if args.snapshots and args.schedule != "sgdr":
         raise UserError("--snapshots takes the weights at the end of each SGDR cycle: add --schedule sgdr")
     if args.cam_form != "graph" and not args.cam_loss > 0:
-        raise UserError(f"--cam-form {args.cam_form} shapes the loss of --cam-loss: add --cam-loss WEIGHT (e.g. 5)")
+        raise UserError(f"--cam-form {args.cam_form} shapes the loss of --cam-loss: add --cam-loss WEIGHT (e.g. 1)")
     for teacher in args.pseudo_labels:
         if not Path(teacher).expanduser().exists():
             raise UserError(f"--pseudo-labels {teacher}: no such run folder or model file; pass a run folder of "
