@@ -4,9 +4,10 @@ specificity, pointing game and minutes; asserts nothing.
 
     python benchmarks/bench_fracatlas.py [--out DIR] [--data PATH] [-- extra run options]
 
-RECIPE below is the one chosen on the validation split (README, "Fracture or not"): extra run options after `--`
-override it (argparse takes the last value of an option). Sensitivity at 90 % specificity is the test split's, at the threshold chosen for
-90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model would be used.
+It runs `--recipe fracture` (`fracture_fastai.run.RECIPES`), the one chosen on the validation split (README, "Fracture
+or not"); extra run options after `--` override it. Sensitivity at 90 % specificity is the test split's, at the
+threshold chosen for 90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model
+would be used.
 """
 import argparse
 import json
@@ -16,8 +17,7 @@ from pathlib import Path
 from _runs import timed_run  # benchmarks/_runs.py, beside this script
 
 TARGET_AUROC, TARGET_POINTING_TP, TARGET_MINUTES = 0.90, 0.5, 40.0
-RECIPE = ["--arch", "tf_efficientnet_lite0", "--size", "320", "--balance", "oversample", "--freeze-epochs", "1",
-          "--epochs", "4", "--operating-point", "spec=0.90"]
+RECIPE = ["--recipe", "fracture"]
 
 
 def _ci(value, ci) -> str:

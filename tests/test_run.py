@@ -123,6 +123,8 @@ def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
     best = run.parse_args(["--recipe", "best"])
     assert (best.arch, best.pretrained, best.size) == ("tf_efficientnet_lite1", "require", None)
     assert run.parse_args(["--recipe", "best", "--pretrained", "auto"]).pretrained == "auto"
+    frac = run.parse_args(["--recipe", "fracture", "--data", "x"])
+    assert (frac.size, frac.balance, frac.freeze_epochs, frac.epochs, frac.operating_point) == (320, "oversample", 1, 4, "spec=0.90")
     monkeypatch.setitem(run.RECIPES, "wide", {"size": 256, "epochs": 12, "label_smoothing": 0.1})
     args = run.parse_args(["--recipe", "wide"])
     assert (args.size, args.epochs, args.label_smoothing, args.bs) == (256, 12, 0.1, 32)
