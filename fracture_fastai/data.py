@@ -231,7 +231,8 @@ def radiograph_dataloaders(
         train_rows = items.split == "train"
         def box(p): return _polygon_box(p) if isinstance(p, (list, tuple, np.ndarray)) else None
         if "polygons" not in items or items.polygons[train_rows].map(box).isna().all():
-            raise DataError("fracture masks need fracture annotations (polygons or boxes) on training images; this data has none")
+            raise DataError("fracture masks (--cam-loss) need fracture annotations (polygons or boxes) on training images; this data "
+                            "has none: train without them (--cam-loss 0)")
         from .transforms import MaskedRadiograph
         items = items.copy()
         items.loc[train_rows, "file"] = [MaskedRadiograph(f, p) for f, p in zip(items.file[train_rows], items.polygons[train_rows])]

@@ -62,7 +62,7 @@ def test_masks_need_annotations(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
         for i in range(2): Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / label / f"{i}.png")
-    with pytest.raises(DataError, match="fracture masks need fracture annotations"):
+    with pytest.raises(DataError, match=r"fracture masks \(--cam-loss\) need fracture annotations.*--cam-loss 0"):
         radiograph_dataloaders(load_table(tmp_path, valid_pct=0.5), size=32, masks=True, device="cpu", cache=False)
 
 

@@ -125,6 +125,12 @@ def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
     assert run.parse_args(["--recipe", "best", "--pretrained", "auto"]).pretrained == "auto"
     frac = run.parse_args(["--recipe", "fracture", "--data", "x"])
     assert (frac.size, frac.balance, frac.freeze_epochs, frac.epochs, frac.operating_point) == (320, "oversample", 1, 4, "spec=0.90")
+    assert (frac.cam_loss, frac.cam_form) == (1.0, "features")
+    # Its loss can be turned off for data without boxes: the form it set is then no error (given explicitly, it is).
+    off = run.parse_args(["--recipe", "fracture", "--cam-loss", "0"])
+    assert (off.cam_loss, off.cam_form, off.size) == (0.0, "features", 320)
+    from fracture_fastai.errors import UserError
+    with pytest.raises(UserError, match="add --cam-loss WEIGHT"): run.parse_args(["--cam-form", "features"])
     monkeypatch.setitem(run.RECIPES, "wide", {"size": 256, "epochs": 12, "label_smoothing": 0.1})
     args = run.parse_args(["--recipe", "wide"])
     assert (args.size, args.epochs, args.label_smoothing, args.bs) == (256, 12, 0.1, 32)
