@@ -497,7 +497,9 @@ def paired_report(
     if (groups.seeds > 1).any():
         parts.append("Configurations over seeds:\n\n" + seed_markdown(groups))
     if paired and len(paired) == 2:
-        comparisons = [paired_comparison(collect_runs([paired[0]]), collect_runs([paired[1]]), split=split)]
+        names = [Path(x).resolve().name for x in paired]  # a run folder's name, or that of a folder of one setup's seeds
+        comparisons = [paired_comparison(collect_runs([paired[0]]), collect_runs([paired[1]]), split=split,
+                                         names=names if names[0] != names[1] else None)]
     elif paired and len(paired) == 1:
         comparisons = paired_by_option(runs, option=paired[0], split=split)
     elif paired:

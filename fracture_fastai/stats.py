@@ -191,6 +191,7 @@ def paired_comparison(
     runs_b,  # run folders of configuration B, paired with A's by seed
     split: str = "valid",  # 'valid' or 'test'
     n_resamples: int = 5000,  # bootstrap resamples
+    names: tuple | None = None,  # (A, B) as the report names them; default: their first runs' folder names
 ) -> dict:
     "B against A on the same images: accuracies, their difference with a paired bootstrap 95 % CI, McNemar per seed pair."
     pairs = _pair_runs(list(map(Path, runs_a)), list(map(Path, runs_b)))
@@ -224,6 +225,7 @@ def paired_comparison(
            "accuracy_a": float(np.mean([p["accuracy_a"] for p in per_seed])),
            "accuracy_b": float(np.mean([p["accuracy_b"] for p in per_seed])),
            "accuracy_diff": diff, "accuracy_diff_ci95": [low, high], "per_seed": per_seed}
+    if names: out["names"] = [str(n) for n in names]
     if auroc_sets and all(pos.any() and (~pos).any() for pos, _, _ in auroc_sets):
         # Positives and negatives are resampled apart (stratified), so that every resample has an AUROC.
         def auroc_diff(*idx):  # idx: the positives' then the negatives' image indices of each seed pair, in turn
@@ -265,8 +267,10 @@ def paired_by_option(
 def format_paired(c: dict) -> str:
     "A few lines that say what a comparison from `paired_comparison` or `paired_by_option` found."
     first = c["per_seed"][0]
-    name_a = f"{c['option']}={c['a']}" if "option" in c else first["run_a"] + ("..." if c["seeds"] > 1 else "")
-    name_b = f"{c['option']}={c['b']}" if "option" in c else first["run_b"] + ("..." if c["seeds"] > 1 else "")
+    if "names" in c: name_a, name_b = c["names"]
+    else:
+        name_a = f"{c['option']}={c['a']}" if "option" in c else first["run_a"] + ("..." if c["seeds"] > 1 else "")
+        name_b = f"{c['option']}={c['b']}" if "option" in c else first["run_b"] + ("..." if c["seeds"] > 1 else "")
     fixed = ", ".join(f"{k}={v}" for k, v in c.get("fixed", {}).items())
     lo, hi = c["accuracy_diff_ci95"]
     n = c["images"][0] if len(set(c["images"])) == 1 else f"{min(c['images'])}-{max(c['images'])}"

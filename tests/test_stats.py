@@ -128,6 +128,14 @@ def test_compare_cli_paired(clahe_runs, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: no two configurations differ only in 'arch'; options that vary here: no_clahe"]
+    # Folders that each hold one configuration's seeds: named by those folders, not by their first runs.
+    for name, runs in (("plain", ["none_42", "none_43"]), ("clahe", ["clahe_42", "clahe_43"])):
+        (clahe_runs.parent / name).mkdir()
+        for r in runs: (clahe_runs / r).rename(clahe_runs.parent / name / r)
+    main([str(clahe_runs.parent / "clahe"), "--no-timing", "--paired", str(clahe_runs.parent / "plain"),
+          str(clahe_runs.parent / "clahe")])
+    out = capsys.readouterr().out
+    assert "clahe vs plain, valid, 20 images x 2 seed(s):" in out and "seed 43: 4 right only with clahe, 0 only with plain" in out
 
 
 def _prob_run(root, name, labels, probs, classes=("a", "b", "c")):
