@@ -1,6 +1,10 @@
 "Shared fixtures: the real shared dataset (skipped where absent), tiny synthetic datasets, an offline environment."
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,55 @@ def cli_exit(capsys):
             signal.signal(signal.SIGTERM, sigterm)
         return code, capsys.readouterr().err
     return _call
+
+
+# The child of `held_process`: it runs a module's command line with one patch that makes it wait at a known place.
+_HOLD = """
+import pathlib, runpy, sys, time
+module, hold, mark, *argv = sys.argv[1:]
+def wait():
+    pathlib.Path(mark).touch()
+    time.sleep(120)
+if hold == "checkpoint":  # after the first checkpoint is written
+    from fracture_fastai import train
+    save = train.Checkpoint.save
+    def held_save(self, *a, **k):
+        save(self, *a, **k)
+        wait()
+    train.Checkpoint.save = held_save
+else:  # "fit:NAME": when training starts in the run folder NAME
+    from fastai.learner import Learner
+    import fracture_fastai.run as R
+    out, run, fit = [None], R.run, Learner.fit
+    def held_run(args, *a, **k):
+        out[0] = pathlib.Path(args.out)
+        return run(args, *a, **k)
+    def held_fit(self, *a, **k):
+        if out[0].name == hold[4:]: wait()
+        return fit(self, *a, **k)
+    R.run, Learner.fit = held_run, held_fit
+sys.argv = [module, *argv]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture
+def held_process(tmp_path):
+    """Start `python -m module *args` so that it stops at a known place and waits there for the test's signal:
+    `hold="checkpoint"` after the first checkpoint is written, `hold="fit:NAME"` as training starts in the run folder
+    NAME. Returns the process once it waits, so the signal lands there however fast or slow the machine is."""
+    def start(module, args, hold, env=None, **popen):
+        mark = tmp_path / f"held-{time.monotonic_ns()}"
+        # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child: give it back Ctrl-C.
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD, module, hold, str(mark), *map(str, args)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+        deadline = time.time() + 300
+        while not mark.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        if not mark.exists():
+            proc.kill()
+            pytest.fail(f"{module} {' '.join(map(str, args))} ended or stalled before it reached {hold!r}: "
+                        f"exit {proc.wait()}")
+        return proc
+    return start

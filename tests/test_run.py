@@ -187,19 +187,11 @@ def test_check_writable_without_permission(tmp_path):
 RESUMABLE = ["--arch", "cnn", "--sample", "4", "--size", "48", "--epochs", "5", "--bs", "4", "--no-tta"]
 
 
-def _run_until_checkpoint(out, sig, args=RESUMABLE):
-    "Start a demo run, send `sig` once its first checkpoint exists; the finished process."
+def _run_until_checkpoint(held_process, out, sig, args=RESUMABLE):
+    "Start a demo run, send `sig` once its first checkpoint is written; the finished process."
     import signal
-    import time
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child: give it back Ctrl-C.
-    proc = subprocess.Popen([sys.executable, "-m", "fracture_fastai.run", *args, "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    checkpoint = out / "models" / "checkpoint.pth"
-    while not checkpoint.exists() and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc = held_process("fracture_fastai.run", [*args, "--out", out], "checkpoint",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(getattr(signal, sig))
     proc.stderr_text = proc.communicate()[1]
     return proc
@@ -213,10 +205,10 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_a_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+def test_a_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, held_process):
     "SIGKILL after an epoch, shown as interrupted with its resume command; --resume ends where an unbroken run ends."
     out = tmp_path / "killed"
-    proc = _run_until_checkpoint(out, "SIGKILL")
+    proc = _run_until_checkpoint(held_process, out, "SIGKILL")
     assert proc.returncode == -9
     assert json.loads((out / "config.json").read_text())["status"] == "running"  # what a hard kill leaves behind
     report = _cli("fracture_fastai.compare", str(out), "--no-timing")
@@ -237,9 +229,9 @@ def test_a_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     assert a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
-def test_ctrl_c_says_how_to_resume_and_a_finished_run_is_not_resumed(uninterrupted, tmp_path):
+def test_ctrl_c_says_how_to_resume_and_a_finished_run_is_not_resumed(uninterrupted, tmp_path, held_process):
     out = tmp_path / "stopped"
-    proc = _run_until_checkpoint(out, "SIGINT")
+    proc = _run_until_checkpoint(held_process, out, "SIGINT")
     assert proc.returncode == 130 and f"--resume {out}" in proc.stderr_text and "Traceback" not in proc.stderr_text
     config = json.loads((out / "config.json").read_text())
     assert config["status"] == "interrupted" and config["resume"].endswith(f"--resume {out}")
@@ -255,14 +247,14 @@ def test_ctrl_c_says_how_to_resume_and_a_finished_run_is_not_resumed(uninterrupt
     assert res.returncode == 2 and "changed since the run started" in res.stderr, res.stderr
 
 
-def test_a_run_killed_in_its_frozen_phase_resumes_there(tmp_path):
+def test_a_run_killed_in_its_frozen_phase_resumes_there(tmp_path, held_process):
     "A pretrained arch killed after its first head-only epoch goes on with the second, then the unfrozen ones."
     args = ["--arch", "tf_efficientnet_lite0", "--sample", "4", "--size", "64", "--freeze-epochs", "2", "--epochs", "1",
             "--bs", "4", "--no-tta"]
     whole = tmp_path / "whole"
     assert _cli("fracture_fastai.run", *args, "--out", str(whole)).returncode == 0
     out = tmp_path / "killed"
-    assert _run_until_checkpoint(out, "SIGKILL", args).returncode == -9
+    assert _run_until_checkpoint(held_process, out, "SIGKILL", args).returncode == -9
     res = _cli("fracture_fastai.run", "--resume", str(out))
     assert res.returncode == 0 and "frozen phase, 1 of 2 epochs done" in res.stdout, res.stderr[-3000:]
     a, b = pd.read_csv(out / "history.csv"), pd.read_csv(whole / "history.csv")

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -73,27 +72,21 @@ def _finished(root):
                   and json.loads((p / "config.json").read_text())["status"] == "done")
 
 
-def test_sweep_on_the_demo_resumes_after_an_interruption(tmp_path):
+def test_sweep_on_the_demo_resumes_after_an_interruption(tmp_path, held_process):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fracture_fastai.sweep", "--arch", "cnn", "--vary", "no_clahe=false,true",
-           "--seeds", "2", "--out", str(out), *TINY]
+    args = ["--arch", "cnn", "--vary", "no_clahe=false,true", "--seeds", "2", "--out", str(out), *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "first.log", "w")
-    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child: give it back Ctrl-C.
-    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:  # stop it as soon as the second run has its folder
-        if (out / "no_clahe-false_seed-43" / "config.json").is_file():
-            break
-        time.sleep(0.1)
+    log = tmp_path / "first.log"
+    # Ctrl-C as the second run starts training: the first is done, the second has its folder and must go on later.
+    first = held_process("fracture_fastai.sweep", args, "fit:no_clahe-false_seed-43", env=env,
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
     first.send_signal(signal.SIGINT)
-    assert first.wait(60) == 130, (tmp_path / "first.log").read_text()
+    assert first.wait(60) == 130, log.read_text()
     done_before = _finished(out)
     assert done_before == ["no_clahe-false_seed-42"]
     started = json.loads((out / done_before[0] / "config.json").read_text())["started"]
 
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "fracture_fastai.sweep", *args], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "4 runs, 1 finished before, 3 to do" in r.stdout
     assert _finished(out) == ["no_clahe-false_seed-42", "no_clahe-false_seed-43", "no_clahe-true_seed-42",
