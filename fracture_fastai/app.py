@@ -43,18 +43,12 @@ def provenance(run_dir) -> str:
     return "  \n".join(lines)
 
 
-def _decision(run_dir) -> dict | None:
-    "A binary model's saved decision rule `{'positive', 'threshold'}` from model.json, or None."
-    run_dir = Path(run_dir)
-    decision = _read_json(run_dir / "model.json" if run_dir.is_dir() else run_dir.with_name("model.json")).get("decision")
-    return decision if isinstance(decision, dict) and {"positive", "threshold"} <= set(decision) else None
-
-
 def analyse(
     learn,  # a Learner from `model_io.load_any`
     path,  # the uploaded file, or None
     decision: dict | None = None,  # a binary model's {'positive', 'threshold'}
     out_dir=None,  # where the overlay PNG goes; default: a temporary folder
+    tta: str = "none",  # the probabilities' test-time augmentation: the model's own (`model_io.read_tta`), as predict's
 ) -> tuple:
     "`(message, {class: probability}, overlay PNG path)` of one upload; a bad upload gives only the message, never a traceback."
     from .cam import explain_file, overlay
@@ -64,6 +58,9 @@ def analyse(
         problem = image_problem(path)  # a full decode, DICOM included, before the model sees it
         if problem: return f"**Cannot use this file** ({problem}). {_NOT_AN_IMAGE}", None, None
         probs, cam, image = explain_file(learn, path)
+        if tta != "none":  # the probabilities its threshold was chosen with; the heat map stays the image's own
+            from .evaluate import predict_probs
+            probs = predict_probs(learn, learn.dls.test_dl([str(path)]), tta)[0][0].numpy()
     except UserError as e:
         return f"**Cannot use this file**: {e}. {_NOT_AN_IMAGE}", None, None
     except Exception as e:  # a page shows no stack trace: the kind of failure, and what to do
@@ -87,13 +84,13 @@ def build_app(
 ):
     "The Gradio Blocks page of the model in `run_dir`."
     import gradio as gr
-    from .model_io import load_any
+    from .model_io import load_any, read_decision, read_tta
     learn = load_any(run_dir)
-    decision, about = _decision(run_dir), provenance(run_dir)
+    decision, tta, about = read_decision(run_dir), read_tta(run_dir), provenance(run_dir)
     classes = [str(c) for c in learn.dls.vocab]
 
     def _on_upload(path):
-        return analyse(learn, path, decision, out_dir)
+        return analyse(learn, path, decision, out_dir, tta)
 
     with gr.Blocks(title="fracture_fastai") as page:
         gr.Markdown("## fracture_fastai: try the model on one radiograph\nResearch software, not a medical device.")

@@ -17,7 +17,7 @@ from .files import atomic_path, write_json
 if TYPE_CHECKING:  # for the annotations only: the functions import numpy where they use it
     import numpy
 
-__all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_description", "read_decision",
+__all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_description", "read_decision", "read_tta",
            "export_onnx", "OnnxModel", "load_onnx"]
 
 MODEL_FORMAT = "fracture_fastai-model/1"
@@ -137,17 +137,33 @@ def load_any(
     return load_export(path)  # which warns, once, that it is a pickle
 
 
+def _saved_meta(path) -> dict:
+    "model.json's content for a run folder, its model.json, or an export.pkl (its run folder's model.json); {} if none."
+    path = Path(path)
+    meta_file = path / "model.json" if path.is_dir() else path if path.suffix == ".json" else path.with_name("model.json")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def read_decision(
     path,  # a run folder, its model.json, or an export.pkl (whose run folder's model.json is read)
 ) -> dict | None:
     "The decision rule saved with a binary model, `{'positive', 'threshold', ...}` from model.json; None if it has none."
-    path = Path(path)
-    meta_file = path / "model.json" if path.is_dir() else path if path.suffix == ".json" else path.with_name("model.json")
-    try:
-        decision = json.loads(meta_file.read_text()).get("decision")
-    except (OSError, ValueError, AttributeError):
-        return None
+    decision = _saved_meta(path).get("decision")
     return decision if isinstance(decision, dict) and {"positive", "threshold"} <= set(decision) else None
+
+
+def read_tta(
+    path,  # a run folder, its model.json, or an export.pkl (whose run folder's model.json is read)
+) -> str:
+    """The test-time augmentation the model's metrics, and a binary model's threshold, were measured with ('none',
+    'flip' or 'aug'), from model.json; 'none' where it says nothing (older models, an export.pkl on its own)."""
+    from .evaluate import TTA
+    tta = _saved_meta(path).get("tta", "none")
+    return tta if tta in TTA else "none"
 
 
 # ---------------------------------------------------------------- ONNX

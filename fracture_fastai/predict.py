@@ -171,9 +171,12 @@ def predict_files_onnx(
     files,  # image paths
     bs: int = 16,  # images per onnxruntime call
     decision: dict | None = None,  # a binary model's rule, as for `predict_files`
+    tta: str = "none",  # 'none', or 'flip': each image and its mirror, averaged, as `evaluate.predict_probs` does
 ) -> tuple:
     "`(table, failures)` as `predict_files` gives them, from the ONNX model: numpy/OpenCV preprocessing, no torch."
     import numpy as np
+    if tta not in ("none", "flip"):
+        raise UserError(f"--tta {tta} runs through fastai; with --backend onnx use --tta flip or none")
     from .preprocess import model_preprocess, normalise, radiograph_pixels
     meta = model.meta
     pre, size = model_preprocess(meta), tuple(meta["size"])
@@ -184,7 +187,8 @@ def predict_files_onnx(
             done.append(f)
         except Exception as e:
             failures.append((f, unreadable_reason(e)))
-    probs = [model.run(normalise(np.stack(grays[i:i + bs]), meta["stats"]["mean"], meta["stats"]["std"]))
+    def run(x): return model.run(x) if tta == "none" else (model.run(x) + model.run(np.ascontiguousarray(x[..., ::-1]))) / 2
+    probs = [run(normalise(np.stack(grays[i:i + bs]), meta["stats"]["mean"], meta["stats"]["std"]))
              for i in range(0, len(grays), bs)]
     probs = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(model.classes)), np.float32)
     return _table(done, probs, model.classes, decision), failures
@@ -207,9 +211,10 @@ def _parser() -> argparse.ArgumentParser:
                "export.pkl is a pickle: load only exports you trust.")
     add_export_and_images(p)
     p.add_argument("--csv", metavar="FILE", help="write file,class,probability,<one column per class> to FILE instead of printing")
-    p.add_argument("--tta", nargs="?", choices=["none", "flip", "aug"], default="none", const="flip",
-                   help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means) or aug "
-                        "(fastai's tta, 5 passes)")
+    p.add_argument("--tta", nargs="?", choices=["none", "flip", "aug"], default=None, const="flip",
+                   help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means), aug "
+                        "(fastai's tta, 5 passes) or none; default: what the model's metrics and threshold were "
+                        "measured with (its run's --tta, saved in model.json), none where it says nothing")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="binary models: call the positive class from this probability on, instead of the threshold "
@@ -263,6 +268,25 @@ def _decision(args, classes, models) -> dict | None:
     return decision
 
 
+def _ttas(args, models) -> list:
+    """The test-time augmentation of each model: --tta where given, else the one its metrics and threshold were
+    measured with (model.json); said on stderr where it is not none."""
+    from .model_io import read_tta
+    if args.tta is not None:
+        if args.tta == "aug" and args.backend == "onnx":
+            raise UserError("--tta aug runs through fastai; with --backend onnx use --tta flip or none")
+        return [args.tta] * len(models)
+    ttas = [read_tta(m) for m in models]
+    for m, tta in zip(models, ttas):
+        if tta == "aug" and args.backend == "onnx":
+            raise UserError(f"{m} was measured with --tta aug, which runs through fastai; with --backend onnx pass "
+                            "--tta flip or --tta none")
+        if tta != "none":
+            print(f"{m}: test-time augmentation {tta}, as its metrics and threshold were measured (--tta none to skip)",
+                  file=sys.stderr)
+    return ttas
+
+
 def average_tables(tables, classes) -> tuple:
     """`(files, probs)`: the mean of the per-class probability columns of prediction `tables` (as `predict_files`
     gives them), over the files that every table holds, in the first table's order."""
@@ -295,21 +319,21 @@ def _predict_command(args) -> int:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     csv = check_writable(args.csv, "--csv", folder=False) if args.csv else None  # before the work, not after it
     models = [args.export, *args.ensemble]
+    ttas = _ttas(args, models)
     if args.backend == "onnx":
-        if args.tta != "none": raise UserError("--tta runs through fastai; leave it out with --backend onnx")
         from .model_io import load_onnx
         loaded = [load_onnx(m) for m in models]
         classes = _same_classes(models, [list(m.classes) for m in loaded])
-        def one(m): return predict_files_onnx(m, files, bs=args.bs)
+        def one(m, tta): return predict_files_onnx(m, files, bs=args.bs, tta=tta)
     else:
         from .model_io import load_any
         loaded = [load_any(m) for m in models]
         classes = _same_classes(models, [[str(c) for c in learn.dls.vocab] for learn in loaded])
-        def one(learn): return predict_files(learn, files, bs=args.bs, tta=args.tta)
+        def one(learn, tta): return predict_files(learn, files, bs=args.bs, tta=tta)
     decision = _decision(args, classes, models)
     from .runtime import frozen_gc
     with frozen_gc():  # the libraries and models loaded are not walked by every full collection while predicting
-        results = [one(m) for m in loaded]
+        results = [one(m, tta) for m, tta in zip(loaded, ttas)]
     failures = list({f: reason for _, fails in results for f, reason in fails}.items())  # failed by any model
     done, probs = average_tables([t for t, _ in results], classes)
     table = _table(done, probs, classes, decision)

@@ -30,8 +30,9 @@ RECIPES = {
     # the recipes whose Grad-CAM finds the fracture (pointing game >= 0.5). Fractures are small, hence 320 px; 18 %
     # of images are fractured, hence oversampling and a threshold for 90 % specificity; the fracture boxes supervise
     # the heat maps, hence the cam loss (it needs boxes or polygons on the training images: --cam-loss 0 otherwise).
+    # Flip TTA raised validation AUROC on all three seeds (+0.006 to +0.021); predict and the app then flip too.
     "fracture": {"arch": "tf_efficientnet_lite0", "size": 320, "balance": "oversample", "freeze_epochs": 1,
-                 "epochs": 4, "operating_point": "spec=0.90", "cam_loss": 1.0, "cam_form": "features"},
+                 "epochs": 4, "operating_point": "spec=0.90", "cam_loss": 1.0, "cam_form": "features", "tta": "flip"},
 }
 
 
@@ -346,7 +347,8 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     with phases("export"):
         export_learner(learn, out / "export.pkl")  # fastai's pickle, for fastai users
         # model.safetensors + model.json: loads without running code; a binary model's threshold travels in it
-        save_model(learn, out, versions=config["versions"], **({"decision": decision} if binary else {}))
+        # and so does the test-time augmentation that its metrics and threshold were measured with (predict's default)
+        save_model(learn, out, versions=config["versions"], tta=args.tta, **({"decision": decision} if binary else {}))
     if summary["snapshots"]:
         with phases("snapshots"):
             splits = {"valid": dls.valid, **({"test": dls[2]} if len(dls.loaders) > 2 else {})}
@@ -382,7 +384,7 @@ def _snapshot_ensemble(learn, names: list, splits: dict, tta: str, out: Path, ou
             scores, p, _ = evaluate_learner(learn, dl=dl, tta=tta)
             probs[split].append(p)
             members[split].append(round(scores["accuracy"], 4))
-        save_model(learn, out / "snapshots" / name, **model_json)
+        save_model(learn, out / "snapshots" / name, tta=tta, **model_json)
         (out / learn.model_dir / f"{name}.pth").unlink()
     learn.load("best", with_opt=False)
     result = {}

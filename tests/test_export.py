@@ -112,5 +112,5 @@ def test_missing_pieces_are_one_line_errors(run, tmp_path):
     no_onnx.mkdir()
     (no_onnx / "model.json").write_text((run[0] / "model.json").read_text())
     with pytest.raises(UserError, match="fracture_fastai.export .* --onnx"): load_onnx(no_onnx)
-    res = _cli("-m", "fracture_fastai.predict", run[0], run[1][0], "--backend", "onnx", "--tta", cwd=tmp_path)
-    assert res.returncode == 2 and "--tta" in res.stderr
+    res = _cli("-m", "fracture_fastai.predict", run[0], run[1][0], "--backend", "onnx", "--tta", "aug", cwd=tmp_path)
+    assert res.returncode == 2 and "--tta aug runs through fastai" in res.stderr

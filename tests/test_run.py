@@ -125,7 +125,7 @@ def test_a_recipe_sets_defaults_and_explicit_options_win(monkeypatch):
     assert run.parse_args(["--recipe", "best", "--pretrained", "auto"]).pretrained == "auto"
     frac = run.parse_args(["--recipe", "fracture", "--data", "x"])
     assert (frac.size, frac.balance, frac.freeze_epochs, frac.epochs, frac.operating_point) == (320, "oversample", 1, 4, "spec=0.90")
-    assert (frac.cam_loss, frac.cam_form) == (1.0, "features")
+    assert (frac.cam_loss, frac.cam_form, frac.tta) == (1.0, "features", "flip")
     # Its loss can be turned off for data without boxes: the form it set is then no error (given explicitly, it is).
     off = run.parse_args(["--recipe", "fracture", "--cam-loss", "0"])
     assert (off.cam_loss, off.cam_form, off.size) == (0.0, "features", 320)

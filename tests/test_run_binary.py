@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,7 +25,7 @@ def binary_run(tmp_path_factory, fracatlas_maker):
     data = fracatlas_maker(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
     out = tmp_path_factory.mktemp("runs") / "cnn-fracatlas"
     res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
-               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--out", str(out))
+               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--tta", "flip", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return data, out, res
 
@@ -48,6 +49,7 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
     decision = json.loads((out / "model.json").read_text())["decision"]
     assert decision == {"positive": "fractured", "threshold": valid["threshold"], "operating_point": "sens=0.90",
                         "chosen_on": "valid"}
+    assert json.loads((out / "model.json").read_text())["tta"] == "flip"  # what the threshold was chosen with
     report = (out / "report.html").read_text()
     assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
     verdict = report[report.index("<h2>Verdict</h2>"):report.index("<h2>Metrics</h2>")]
@@ -56,7 +58,8 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
 
 def test_predict_applies_the_saved_threshold(binary_run, tmp_path, capsys):
     data, out, _ = binary_run
-    images = sorted((data / "images").rglob("*.jpg"))[:6]
+    scored = pd.read_csv(out / "predictions.csv")  # valid and test images, with the run's own probabilities
+    images = sorted((data / "images").rglob("*.jpg"))[:3] + [Path(f) for f in scored.file[:3]]
     threshold = json.loads((out / "model.json").read_text())["decision"]["threshold"]
     res = _cli("fracture_fastai.predict", str(out), *map(str, images), "--csv", str(tmp_path / "p.csv"))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -66,8 +69,15 @@ def test_predict_applies_the_saved_threshold(binary_run, tmp_path, capsys):
     expected = preds.fractured.ge(threshold).map({True: "fractured", False: "normal"})
     assert clear.sum() >= 4 and (preds["class"] == expected)[clear].all()
     assert preds.probability.tolist() == pytest.approx(preds.fractured.tolist(), abs=1e-6)
-    # --threshold overrides: 0 calls everything fractured (in this process: a second fastai start costs seconds)
+    # By default with the run's flip TTA, as its threshold was chosen: the very probabilities the run scored
+    assert "test-time augmentation flip, as its metrics and threshold were measured" in res.stderr
+    assert preds.fractured[3:].tolist() == pytest.approx(scored.prob_fractured[:3].tolist(), abs=1e-5)
     from fracture_fastai.predict import main
+    assert main([str(out), *map(str, images), "--tta", "none", "--csv", str(tmp_path / "plain.csv")]) == 0
+    assert "test-time augmentation" not in capsys.readouterr().err
+    plain = pd.read_csv(tmp_path / "plain.csv")
+    assert (plain.fractured - preds.fractured).abs().max() > 1e-4  # --tta none: one pass, other probabilities
+    # --threshold overrides: 0 calls everything fractured (in this process: a second fastai start costs seconds)
     assert main([str(out), *map(str, images), "--threshold", "0"]) == 0
     captured = capsys.readouterr()
     assert [line.split("\t")[1] for line in captured.out.splitlines()] == ["fractured"] * 6
@@ -108,7 +118,8 @@ def test_the_onnx_backend_applies_the_saved_threshold_too(binary_run, tmp_path, 
     from fracture_fastai.export import main as export
     from fracture_fastai.predict import main
     data, out, _ = binary_run
-    images = sorted((data / "images" / "Fractured").iterdir())[:3] + sorted((data / "images" / "Non_fractured").iterdir())[:3]
+    scored = pd.read_csv(out / "predictions.csv")  # valid and test images, with the run's own probabilities
+    images = [*scored[scored.label == "fractured"].file[:3], *scored[scored.label == "normal"].file[:3]]
     export([str(out), "--onnx"])
     tables = {}
     for backend in ("fastai", "onnx"):
@@ -117,3 +128,14 @@ def test_the_onnx_backend_applies_the_saved_threshold_too(binary_run, tmp_path, 
         tables[backend] = pd.read_csv(tmp_path / f"{backend}.csv")
     a, b = tables["fastai"], tables["onnx"]
     assert list(a["class"]) == list(b["class"]) and (a.probability - b.probability).abs().max() <= 1e-4
+    # Both flipped, as the run measured: the ONNX table is the run's own probabilities, not one pass's
+    assert (b.fractured - scored.set_index("file").loc[images, "prob_fractured"].to_numpy()).abs().max() <= 1e-4
+    for tta, says in (("aug", "--tta aug runs through fastai"), (None, "measured with --tta aug")):
+        if tta is None:  # a model measured with fastai's tta: the ONNX backend cannot repeat it, and says so
+            meta = json.loads((out / "model.json").read_text())
+            (tmp_path / "aug").mkdir()
+            (tmp_path / "aug" / "model.json").write_text(json.dumps({**meta, "tta": "aug"}))
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(out if tta else tmp_path / "aug"), str(images[0]), "--backend", "onnx",
+                  *(["--tta", tta] if tta else [])])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
