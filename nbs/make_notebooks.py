@@ -150,8 +150,8 @@ table = load_table(DATA)
 print(format_summary(table))
 table.df.groupby(["body_part", "label"]).size().unstack(fill_value=0)'''),
         ("md", "## One run\nThe same runner as for body regions, with `--recipe fracture` (320 px, oversampling, the "
-               "boxes supervising the heat maps, a threshold for 90 % specificity; a tiny, fast version on the synthetic set): with two classes it adds the binary metrics, "
-               "`roc.png`, `pr.png` and `calibration.png`, and saves the threshold with the model."),
+               "boxes supervising the heat maps, a threshold for 90 % specificity, each image scored with its mirror; a tiny, fast version on the synthetic set): with two classes it adds the binary metrics, "
+               "`roc.png`, `pr.png` and `calibration.png`, and saves the threshold, and the mirror TTA it was chosen with, with the model."),
         ("code", '''from fracture_fastai.run import parse_args, run
 
 ARCH = "cnn" if SMOKE else "tf_efficientnet_lite0"
