@@ -114,7 +114,7 @@ def _labelled_dl(learn, dl=None):
     return dl
 
 
-TTA = ("flip", "aug", "none")
+from .model_io import TTA  # noqa: E402  (model.json saves it: its home is the light module the ONNX path imports)
 TTA_SEED = 0  # fastai's tta draws random augmentations: seeded, the same model always gets the same score
 
 

@@ -21,6 +21,7 @@ __all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_mod
            "export_onnx", "OnnxModel", "load_onnx"]
 
 MODEL_FORMAT = "fracture_fastai-model/1"
+TTA = ("flip", "aug", "none")  # test-time augmentations (evaluate.predict_probs); model.json saves the run's
 _MAKE_ONE = "make one with python -m fracture_fastai.run"
 
 
@@ -161,7 +162,6 @@ def read_tta(
 ) -> str:
     """The test-time augmentation the model's metrics, and a binary model's threshold, were measured with ('none',
     'flip' or 'aug'), from model.json; 'none' where it says nothing (older models, an export.pkl on its own)."""
-    from .evaluate import TTA
     tta = _saved_meta(path).get("tta", "none")
     return tta if tta in TTA else "none"
 

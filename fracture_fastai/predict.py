@@ -15,6 +15,7 @@ import pandas as pd
 from .data import IMAGE_EXTS, image_files
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import atomic_path
+from .model_io import TTA
 
 __all__ = ["load_export", "find_images", "predict_files", "predict_files_onnx", "main"]
 
@@ -211,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
                "export.pkl is a pickle: load only exports you trust.")
     add_export_and_images(p)
     p.add_argument("--csv", metavar="FILE", help="write file,class,probability,<one column per class> to FILE instead of printing")
-    p.add_argument("--tta", nargs="?", choices=["none", "flip", "aug"], default=None, const="flip",
+    p.add_argument("--tta", nargs="?", choices=TTA, default=None, const="flip",
                    help="test-time augmentation: flip (image and mirror, 2 passes; what a bare --tta means), aug "
                         "(fastai's tta, 5 passes) or none; default: what the model's metrics and threshold were "
                         "measured with (its run's --tta, saved in model.json), none where it says nothing")
