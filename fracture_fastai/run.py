@@ -127,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "window), or the index of another window")
     d.add_argument("--sample", type=int, default=None, metavar="N", help="at most N images per class per split (quick runs)")
     d.add_argument("--valid-pct", type=float, default=0.2, help="share held out when the data has no validation split")
+    d.add_argument("--split-seed", type=int, default=None, metavar="SEED",
+                   help="seed of the split where the data brings none (FracAtlas, --valid-pct) and of --sample; default: "
+                        "--seed. Fix it to train several seeds on the same images (paired comparisons, predict --ensemble)")
     d.add_argument("--copies", choices=["one", "all"], default="one",
                    help="per epoch: one image of each source radiograph (a different one each epoch), or all its copies")
     d.add_argument("--num-workers", type=int, default=None, help="DataLoader workers; default: from the CPU cores")
@@ -435,11 +438,12 @@ def run(
               "results on it say nothing about real radiographs", flush=True)
     phases = Phases()
     distributed.setup()  # joins the process group under torchrun / accelerate launch; nothing otherwise
+    split_seed = args.seed if args.split_seed is None else args.split_seed
     with phases("data"):  # every rank reads the same table (same seed); rank 0 first makes the demo and the cache
         table = distributed.rank0_first(
-            lambda: load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=args.seed))
+            lambda: load_table(make_demo() if demo else args.data, valid_pct=args.valid_pct, seed=split_seed))
         if args.sample:
-            table.df = sample_per_class(table.df, args.sample, seed=args.seed)
+            table.df = sample_per_class(table.df, args.sample, seed=split_seed)
     pseudo = None
     if args.pseudo_labels:
         from .pseudo import add_pseudo_labels

@@ -139,3 +139,19 @@ def test_the_onnx_backend_applies_the_saved_threshold_too(binary_run, tmp_path, 
             main([str(out if tta else tmp_path / "aug"), str(images[0]), "--backend", "onnx",
                   *(["--tta", tta] if tta else [])])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path):
+    "--split-seed: another training seed on the same validation and test images (what paired comparisons and ensembles need)."
+    from fracture_fastai.data import load_table
+    data, out, _ = binary_run
+    splits = {s: load_table(data, seed=s).df.set_index("file").split for s in (7, 42)}
+    assert (splits[7] != splits[42]).any()  # without it, seed 7 would split the images otherwise
+    other = tmp_path / "seed7"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1", "--lr", "1e-3",
+               "--bs", "8", "--seed", "7", "--split-seed", "42", "--out", str(other))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (pd.read_csv(d / "predictions.csv").set_index("file").sort_index() for d in (out, other))
+    assert a.index.equals(b.index) and a.split.equals(b.split)
+    assert not a.prob_fractured.equals(b.prob_fractured)  # trained otherwise: another model on the same images
+    assert json.loads((other / "config.json").read_text())["options"]["split_seed"] == 42
