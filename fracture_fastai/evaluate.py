@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import save_figure, write_json  # noqa: F401  (write_json: re-exported, its old home)
+from .model_io import TTA  # model.json saves it: its home is the light module the ONNX path imports
 
 # Plots go to files, never to a screen; a Jupyter kernel keeps its own (inline) backend.
 if "ipykernel" not in sys.modules:
@@ -114,7 +115,6 @@ def _labelled_dl(learn, dl=None):
     return dl
 
 
-from .model_io import TTA  # noqa: E402  (model.json saves it: its home is the light module the ONNX path imports)
 TTA_SEED = 0  # fastai's tta draws random augmentations: seeded, the same model always gets the same score
 
 
