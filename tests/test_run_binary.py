@@ -155,3 +155,17 @@ def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path
     assert a.index.equals(b.index) and a.split.equals(b.split)
     assert not a.prob_fractured.equals(b.prob_fractured)  # trained otherwise: another model on the same images
     assert json.loads((other / "config.json").read_text())["options"]["split_seed"] == 42
+
+
+def test_split_seed_also_draws_the_sample(binary_run, tmp_path):
+    "--sample is drawn with the split's seed, so a smaller run under another training seed still sees the same images."
+    from fracture_fastai.data import load_table, sample_per_class
+    data, _, _ = binary_run
+    table = load_table(data, seed=42).df
+    scored = {s: set(sample_per_class(table, 1, seed=s).query("split != 'train'").file) for s in (7, 42)}
+    assert scored[7] != scored[42]  # drawn with the training seed, the sample would hold other valid/test images
+    out = tmp_path / "sampled"
+    res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1", "--lr", "1e-3",
+               "--bs", "2", "--seed", "7", "--split-seed", "42", "--sample", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert set(pd.read_csv(out / "predictions.csv").file) == scored[42]
