@@ -57,8 +57,10 @@ def analyse(
     try:
         problem = image_problem(path)  # a full decode, DICOM included, before the model sees it
         if problem: return f"**Cannot use this file** ({problem}). {_NOT_AN_IMAGE}", None, None
-        probs, cam, image = explain_file(learn, path)
-        if tta != "none":  # the probabilities its threshold was chosen with; the heat map stays the image's own
+        # The probabilities its threshold was chosen with; the heat map stays the image's own. A flip costs one pass
+        # more (the mirror's); fastai's tta, its own passes through predict_probs.
+        probs, cam, image = explain_file(learn, path, tta="flip" if tta == "flip" else "none")
+        if tta not in ("none", "flip"):
             from .evaluate import predict_probs
             probs = predict_probs(learn, learn.dls.test_dl([str(path)]), tta)[0][0].numpy()
     except UserError as e:

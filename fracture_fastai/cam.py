@@ -129,12 +129,19 @@ def explain_file(
     learn,  # a Learner from `model_io.load_any`
     file,  # one radiograph: JPEG, PNG, DICOM, ...
     target=None,  # None: the predicted class; else a class name or index
+    tta: str = "none",  # 'flip': the probabilities are the mean of the image's and its mirror's (the map stays the image's)
 ) -> tuple:
     "`(probs, cam, image)` of one radiograph file: class probabilities (numpy), its Grad-CAM map and the model's input image."
+    if tta not in ("none", "flip"): raise UserError(f"explain_file's tta must be 'none' or 'flip'; got {tta!r}")
     dl = _set_split(learn.dls.test_dl([str(file)], bs=1))
     x = _after_batch(dl, dl.do_batch([dl.do_item(0)]))[0]
     target = None if target is None else _class_index(learn, target, learn.dls.c)
     cams, probs, _ = _gradcam(learn, x, target)
+    if tta == "flip":  # the Grad-CAM pass gave the plain probabilities: only the mirror is left to run
+        device = next(learn.model.parameters(), torch.empty(0)).device
+        with _eval_mode(learn.model), torch.no_grad():
+            mirror = learn.model(x.as_subclass(torch.Tensor).to(device).flip(-1))
+        probs = (probs + mirror.as_subclass(torch.Tensor).float().softmax(1).cpu()) / 2
     return probs[0].numpy(), cams[0].numpy(), decode_images(dl, x)[0]
 
 

@@ -33,8 +33,11 @@ def test_analyse_gives_probabilities_and_overlay_or_a_message(tiny_run, tmp_path
     # A model measured with flip TTA (model.json's tta) gets its probabilities as its metrics and threshold did
     from fracture_fastai.predict import predict_files
     flipped = predict_files(learn, files[:1], tta="flip")[0].iloc[0]
-    _, probs, _ = analyse(learn, files[0], out_dir=tmp_path, tta="flip")
+    passes = []
+    with learn.model.register_forward_hook(lambda *_: passes.append(1)):
+        _, probs, _ = analyse(learn, files[0], out_dir=tmp_path, tta="flip")
     assert probs == pytest.approx({c: float(flipped[c]) for c in ("a", "b")}, abs=1e-5)
+    assert len(passes) == 2  # the Grad-CAM's pass is the plain one; only the mirror is added
     assert abs(probs["a"] - float(predict_files(learn, files[:1])[0].iloc[0]["a"])) > 1e-6  # not the plain pass
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
