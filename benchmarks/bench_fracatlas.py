@@ -2,12 +2,14 @@
 the true positives >= 0.5, at most 40 minutes on a 2-core CPU). Prints test AUROC [95 % CI], sensitivity at 90 %
 specificity, pointing game and minutes; asserts nothing.
 
-    python benchmarks/bench_fracatlas.py [--out DIR] [--data PATH] [-- extra run options]
+    python benchmarks/bench_fracatlas.py [--out DIR] [--data PATH] [--seeds S [S ...]] [-- extra run options]
 
 It runs `--recipe fracture` (`fracture_fastai.run.RECIPES`), the one chosen on the validation split (README, "Fracture
 or not"); extra run options after `--` override it. Sensitivity at 90 % specificity is the test split's, at the
 threshold chosen for 90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model
-would be used.
+would be used. With several `--seeds`, it trains one model per seed on the first seed's split (`--split-seed`) and
+scores their mean probabilities as one model (`stats.ensemble_binary`, what `predict MODEL --ensemble OTHER` outputs);
+the pointing game is then each member's own Grad-CAM, and the minutes are all the trainings'.
 """
 import argparse
 import json
@@ -25,26 +27,46 @@ def _ci(value, ci) -> str:
     return f"{value:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
 
 
+def _pointing(metrics: dict, split: str) -> str:
+    loc, loc_tp = metrics[split].get("localisation") or {}, metrics[split].get("localisation_tp") or {}
+    return (f"true positives {_ci(loc_tp.get('pointing_game'), loc_tp.get('pointing_game_ci95'))} (n={loc_tp.get('n', 0)}, "
+            f"target >= {TARGET_POINTING_TP}), all positives {_ci(loc.get('pointing_game'), loc.get('pointing_game_ci95'))} "
+            f"(n={loc.get('n', 0)})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas"))
-    p.add_argument("--out", default=None, help="leave the run folder here; default runs/<timestamp>-<arch>")
+    p.add_argument("--out", default=None, help="leave the run folder here (several seeds: DIR/seed-S each); "
+                                               "default runs/<timestamp>-<arch>")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="one model per seed, all on the first seed's split, scored as one ensemble (default: one run)")
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
     if not (Path(args.data) / "dataset.csv").exists():
         sys.exit(f"skipped: FracAtlas absent ({args.data} not found; it sits beside the project as ../shared/data)")
-    run_dir, minutes = timed_run(["--data", args.data, *RECIPE, *extra] + (["--out", args.out] if args.out else []))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    split = "test" if "test" in metrics else "valid"
-    b = metrics[split]["binary"]
-    loc, loc_tp = metrics[split].get("localisation") or {}, metrics[split].get("localisation_tp") or {}
-    print(f"\n{split} ({b['n']} images, {b['n_positive']} {b['positive']}), run folder {run_dir}")
+    seeds = args.seeds or [None]
+    runs, minutes = [], 0.0
+    for seed in seeds:
+        member = [] if seed is None else ["--seed", seed, "--split-seed", seeds[0]]
+        out = args.out if seed is None or not args.out else Path(args.out) / f"seed-{seed}"
+        run_dir, took = timed_run(["--data", args.data, *RECIPE, *member, *extra] + (["--out", out] if out else []))
+        runs.append(run_dir); minutes += took
+    members = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    split = "test" if "test" in members[0] else "valid"
+    if len(runs) > 1:
+        from fracture_fastai.stats import ensemble_binary
+        b = ensemble_binary(runs)[split]
+        print(f"\nensemble of {len(runs)} seeds ({', '.join(map(str, seeds))}) on the split of seed {seeds[0]}; "
+              f"each alone: {split} AUROC " + ", ".join(f"{m[split]['binary']['auroc']:.3f}" for m in members))
+    else:
+        b = members[0][split]["binary"]
+    print(f"\n{split} ({b['n']} images, {b['n_positive']} {b['positive']}), run folder(s) {', '.join(map(str, runs))}")
     print(f"AUROC {_ci(b['auroc'], b['auroc_ci95'])} (target >= {TARGET_AUROC}: ratio {b['auroc'] / TARGET_AUROC:.3f})")
     print(f"sensitivity {_ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "
           f"{_ci(b['specificity'], b['specificity_ci95'])} (threshold {b['threshold']:.3f}, chosen on valid for spec 0.90)")
-    print(f"pointing game: true positives {_ci(loc_tp.get('pointing_game'), loc_tp.get('pointing_game_ci95'))} "
-          f"(n={loc_tp.get('n', 0)}, target >= {TARGET_POINTING_TP}), all positives "
-          f"{_ci(loc.get('pointing_game'), loc.get('pointing_game_ci95'))} (n={loc.get('n', 0)})")
+    for seed, m in zip(seeds, members):
+        print("pointing game" + (f" (seed {seed}'s Grad-CAM)" if len(runs) > 1 else "") + ": " + _pointing(m, split))
     print(f"accuracy {b['accuracy']:.3f} vs {b['baseline_accuracy']:.3f} calling every image {b['negative']}")
     print(f"minutes {minutes:.1f} (target <= {TARGET_MINUTES:.0f}: ratio {minutes / TARGET_MINUTES:.3f})")
 

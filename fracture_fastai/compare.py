@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ArgumentParser, UserError, cli_errors
-from .files import atomic_path, save_figure, write_text
+from .files import atomic_path, save_figure, write_json, write_text
 from .runstate import resume_command, run_state
 
 __all__ = ["COLUMNS", "collect_runs", "leaderboard", "to_markdown", "plot_leaderboard", "write_leaderboard",
@@ -473,6 +473,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="paired comparison on the same images: two run folders (or folders holding one configuration's "
                         "seeds), or one option name (e.g. no_clahe) to compare the configurations that differ only in it")
     p.add_argument("--split", choices=["valid", "test"], default="valid", help="images of the paired comparison")
+    p.add_argument("--ensemble", action="store_true",
+                   help="two-class runs on the same images (e.g. seeds under one --split-seed): score their mean "
+                        "probabilities as one model, the threshold chosen on valid (ensemble.json)")
     return p
 
 
@@ -523,8 +526,15 @@ def main(argv=None):
         raise UserError(f"--n-images must be at least 1; got {args.n_images}")
     runs = collect_runs(args.paths)
     report = paired_report(runs, args.paired, args.split)  # first: a wrong --paired fails before any timing
+    if args.ensemble:  # before the timing too: runs of other images or classes fail here
+        from .stats import ensemble_binary, format_ensemble
+        ensemble = ensemble_binary(runs)
+        report = "\n\n".join(filter(None, [report, format_ensemble(ensemble)]))
     df = leaderboard(runs, timing=not args.no_timing, n_images=args.n_images)
-    paths = write_leaderboard(df, args.out if args.out is not None else _default_out(args.paths))
+    out = Path(args.out if args.out is not None else _default_out(args.paths))
+    paths = write_leaderboard(df, out)
+    if args.ensemble:
+        paths.append(write_json(ensemble, out / "ensemble.json"))
     print(to_markdown(df))
     if report:
         print(report + "\n")

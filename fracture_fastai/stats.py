@@ -17,7 +17,7 @@ from .errors import UserError
 
 __all__ = ["NOT_CONFIG", "mcnemar_test", "bootstrap_ci", "seed_ci", "run_options", "seed_groups", "group_table",
            "differing_options", "paired_comparison", "paired_by_option", "format_paired", "run_probabilities",
-           "ensemble_accuracy", "suspect_labels"]
+           "ensemble_accuracy", "ensemble_binary", "format_ensemble", "suspect_labels"]
 
 # Options that say where or how fast a run went, not what it computed: runs differing only in these (and the seed)
 # are repeats of one configuration.
@@ -306,6 +306,54 @@ def ensemble_accuracy(runs, split: str = "valid") -> float:
     "Accuracy of the runs' mean class probabilities on `split`: what `predict --ensemble` of their models scores there."
     labels, classes, probs = run_probabilities(runs, split)
     return float((np.asarray(classes)[np.mean(probs, axis=0).argmax(1)] == labels.to_numpy()).mean())
+
+
+def ensemble_binary(
+    runs,  # finished two-class runs scored on the same valid and test images (e.g. seeds under one --split-seed)
+    operating_point: str | None = None,  # how the threshold is chosen on valid; None: the first run's own rule
+) -> dict:
+    """The metrics of a binary test for the runs' mean class probabilities (what `predict --ensemble` of their models
+    outputs): the threshold chosen on the validation split, as a run chooses its own, then applied to the test split."""
+    from .binary import evaluate_binary
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2: raise UserError(f"an ensemble needs at least two runs; got {len(runs)}")
+    options = run_options(runs[0])
+    operating_point = operating_point or options.get("operating_point") or "youden"
+    out = {"runs": [str(r) for r in runs], "members": {}, "operating_point": operating_point}
+    threshold = None
+    for split in ("valid", "test"):
+        try:
+            labels, classes, probs = run_probabilities(runs, split)
+        except UserError:
+            if split == "valid": raise
+            break  # runs without a test split: the validation numbers only
+        if len(classes) != 2:
+            raise UserError(f"ensemble_binary scores two-class runs; {runs[0]} has {len(classes)} classes")
+        targets = np.array([classes.index(c) if c in classes else -1 for c in labels.astype(str)])
+        scores = evaluate_binary(targets, np.mean(probs, axis=0), classes, options.get("positive"), threshold, operating_point)
+        threshold = scores["threshold"]
+        out[split] = scores
+        for run in runs:  # each member's own numbers beside the ensemble's
+            member = _read_json(run / "metrics.json").get(split, {}).get("binary", {})
+            out["members"].setdefault(str(run), {})[split] = {k: member.get(k) for k in ("auroc", "sensitivity", "specificity")}
+    out["threshold"] = threshold
+    return out
+
+
+def format_ensemble(result: dict) -> str:
+    "`ensemble_binary`'s result as text: the ensemble's AUROC [CI] and operating point per split, each member's beside it."
+    def ci(v, c): return "n/a" if v is None else f"{v:.3f}" + (f" [{c[0]:.3f}-{c[1]:.3f}]" if c else "")
+    lines = [f"Ensemble of {len(result['runs'])} runs (their mean probabilities); threshold {result['threshold']:.3f} "
+             f"chosen on valid for {result['operating_point']}:"]
+    for split in ("valid", "test"):
+        if split not in result: continue
+        b = result[split]
+        members = ", ".join("n/a" if m.get(split, {}).get("auroc") is None else f"{m[split]['auroc']:.3f}"
+                            for m in result["members"].values())
+        lines.append(f"  {split} ({b['n']} images, {b['n_positive']} {b['positive']}): AUROC {ci(b['auroc'], b['auroc_ci95'])} "
+                     f"(members: {members}); sensitivity {ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "
+                     f"{ci(b['specificity'], b['specificity_ci95'])}")
+    return "\n".join(lines)
 
 
 def suspect_labels(

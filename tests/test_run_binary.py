@@ -155,6 +155,21 @@ def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path
     assert a.index.equals(b.index) and a.split.equals(b.split)
     assert not a.prob_fractured.equals(b.prob_fractured)  # trained otherwise: another model on the same images
     assert json.loads((other / "config.json").read_text())["options"]["split_seed"] == 42
+    # Such seeds make an ensemble: compare --ensemble scores their mean probabilities, its threshold chosen on valid
+    from sklearn.metrics import roc_auc_score
+    res = _cli("fracture_fastai.compare", str(out), str(other), "--ensemble", "--no-timing", "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Ensemble of 2 runs" in res.stdout and "chosen on valid for sens=0.90" in res.stdout
+    ens = json.loads((tmp_path / "cmp" / "ensemble.json").read_text())
+    mean = (a.prob_fractured + b.prob_fractured) / 2
+    for split in ("valid", "test"):
+        y = (a.label[a.split == split] == "fractured").astype(int)
+        assert ens[split]["auroc"] == pytest.approx(roc_auc_score(y, mean[a.split == split]))
+        assert ens[split]["tp"] == int(((mean[a.split == split] >= ens["threshold"]) & (y == 1)).sum())
+        assert ens["members"][str(other)][split]["auroc"] == pytest.approx(
+            json.loads((other / "metrics.json").read_text())[split]["binary"]["auroc"])
+    valid_y = (a.label[a.split == "valid"] == "fractured").astype(int)
+    assert ens["valid"]["sensitivity"] >= 0.9 or valid_y.sum() == 0  # the operating point met where it was chosen
 
 
 def test_split_seed_also_draws_the_sample(binary_run, tmp_path):

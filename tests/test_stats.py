@@ -160,6 +160,20 @@ def test_the_ensemble_of_runs_scores_their_mean_probabilities(tmp_path):
     assert ensemble_accuracy([r1, r2]) == 0.75
 
 
+def test_ensemble_binary_refuses_what_is_not_one_binary_ensemble(tmp_path):
+    from fracture_fastai.errors import UserError
+    from fracture_fastai.stats import ensemble_binary
+    labels = ["a", "b", "a", "b"]
+    two = [_prob_run(tmp_path, f"r{i}", labels, [[.9, .1], [.2, .8], [.6, .4], [.3, .7]], classes=("a", "b")) for i in (1, 2)]
+    three = [_prob_run(tmp_path, f"c{i}", labels, [[.9, .1, 0]] * 4) for i in (1, 2)]
+    with pytest.raises(UserError, match="at least two runs"): ensemble_binary(two[:1])
+    with pytest.raises(UserError, match="two-class runs"): ensemble_binary(three)
+    other = _prob_run(tmp_path, "other", labels[:3], [[.9, .1], [.2, .8], [.6, .4]], classes=("a", "b"))
+    with pytest.raises(UserError, match="scored other valid images"): ensemble_binary([two[0], other])
+    result = ensemble_binary(two, operating_point="youden")  # no test split in these runs: valid only
+    assert result["valid"]["auroc"] == 1.0 and "test" not in result and result["threshold"] == result["valid"]["threshold"]
+
+
 def test_suspect_labels_lists_confident_disagreement_of_every_run(tmp_path):
     from fracture_fastai.stats import suspect_labels
     labels = ["a", "b", "c", "a"]

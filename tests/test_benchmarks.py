@@ -1,0 +1,26 @@
+"The benchmark scripts run end to end on tiny generated data (their real runs are documented in the README, not here)."
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_bench_fracatlas_scores_a_seed_ensemble_on_one_split(tmp_path, fracatlas_maker):
+    data = fracatlas_maker(tmp_path / "fa", n_fractured=12, n_normal=24)
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fracatlas.py"), "--data", str(data), "--out", str(out),
+                          "--seeds", "5", "6", "--", "--arch", "cnn", "--size", "32", "--epochs", "1", "--lr", "1e-3",
+                          "--bs", "8", "--cam-loss", "0"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    configs = [json.loads((out / f"seed-{s}" / "config.json").read_text())["options"] for s in (5, 6)]
+    assert [c["seed"] for c in configs] == [5, 6] and [c["split_seed"] for c in configs] == [5, 5]
+    from fracture_fastai.stats import ensemble_binary
+    expected = ensemble_binary([out / "seed-5", out / "seed-6"])["test"]
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("ensemble of 2 seeds (5, 6) on the split of seed 5") for line in lines)
+    assert f"AUROC {expected['auroc']:.3f}" in res.stdout and f"(threshold {expected['threshold']:.3f}" in res.stdout
+    assert sum(line.startswith("pointing game (seed") for line in lines) == 2 and "minutes " in lines[-1]
