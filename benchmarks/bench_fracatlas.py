@@ -8,12 +8,14 @@ It runs `--recipe fracture` (`fracture_fastai.run.RECIPES`), the one chosen on t
 or not"); extra run options after `--` override it. Sensitivity at 90 % specificity is the test split's, at the
 threshold chosen for 90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model
 would be used. With several `--seeds`, it trains one model per seed on the first seed's split (`--split-seed`) and
-scores their mean probabilities as one model (`stats.ensemble_binary`, what `predict MODEL --ensemble OTHER` outputs);
-the pointing game is then each member's own Grad-CAM, and the minutes are all the trainings'.
+scores their mean probabilities as one model (`stats.ensemble_binary`, what `predict MODEL --ensemble OTHER` outputs),
+its heat map the mean of its members' Grad-CAMs (each member's own pointing game beside it); the minutes are all the
+trainings' and the ensemble's scoring.
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from _runs import timed_run  # benchmarks/_runs.py, beside this script
@@ -52,21 +54,26 @@ def main():
         out = args.out if seed is None or not args.out else Path(args.out) / f"seed-{seed}"
         run_dir, took = timed_run(["--data", args.data, *RECIPE, *member, *extra] + (["--out", out] if out else []))
         runs.append(run_dir); minutes += took
+    start = time.time()
     members = [json.loads((r / "metrics.json").read_text()) for r in runs]
     split = "test" if "test" in members[0] else "valid"
     if len(runs) > 1:
         from fracture_fastai.stats import ensemble_binary
-        b = ensemble_binary(runs)[split]
+        ensemble = ensemble_binary(runs, localisation=True)
+        b = ensemble[split]
         print(f"\nensemble of {len(runs)} seeds ({', '.join(map(str, seeds))}) on the split of seed {seeds[0]}; "
               f"each alone: {split} AUROC " + ", ".join(f"{m[split]['binary']['auroc']:.3f}" for m in members))
     else:
         b = members[0][split]["binary"]
+    minutes += (time.time() - start) / 60
     print(f"\n{split} ({b['n']} images, {b['n_positive']} {b['positive']}), run folder(s) {', '.join(map(str, runs))}")
     print(f"AUROC {_ci(b['auroc'], b['auroc_ci95'])} (target >= {TARGET_AUROC}: ratio {b['auroc'] / TARGET_AUROC:.3f})")
     print(f"sensitivity {_ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "
           f"{_ci(b['specificity'], b['specificity_ci95'])} (threshold {b['threshold']:.3f}, chosen on valid for spec 0.90)")
+    if len(runs) > 1:
+        print("pointing game (the members' Grad-CAMs averaged): " + _pointing(ensemble, split))
     for seed, m in zip(seeds, members):
-        print("pointing game" + (f" (seed {seed}'s Grad-CAM)" if len(runs) > 1 else "") + ": " + _pointing(m, split))
+        print("pointing game" + (f" (seed {seed}'s Grad-CAM alone)" if len(runs) > 1 else "") + ": " + _pointing(m, split))
     print(f"accuracy {b['accuracy']:.3f} vs {b['baseline_accuracy']:.3f} calling every image {b['negative']}")
     print(f"minutes {minutes:.1f} (target <= {TARGET_MINUTES:.0f}: ratio {minutes / TARGET_MINUTES:.3f})")
 

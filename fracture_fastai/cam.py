@@ -407,22 +407,25 @@ def _has_polygons(polygons) -> bool:
 
 
 def score_localisation(
-    learn,  # a trained Learner (model[0] body, model[1] head)
+    learn,  # a trained Learner (model[0] body, model[1] head), or several of one input (an ensemble: their maps averaged)
     dl=None,  # a validation or test DataLoader over a table with `file` and `polygons`; default `learn.dls.valid`
     bs: int = 16,  # images per Grad-CAM pass
     tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
     target=None,  # the class whose map is scored (name or index); None: each image's predicted class
     rows=None,  # indices of `dl.items` to score (e.g. the true positives); None: every annotated image
+    items=None,  # the table of `dl`'s images in its order, where `dl` holds only their files (a loaded model's test_dl)
 ) -> dict:
     "`localisation_scores` of the `target` class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
     from .preprocess import image_size
     tolerance = _check_tolerance(tolerance)
-    dl = learn.dls.valid if dl is None else dl
-    items = getattr(dl, "items", None)
+    learns = list(learn) if isinstance(learn, (list, tuple)) else [learn]
+    dl = learns[0].dls.valid if dl is None else dl
+    items = getattr(dl, "items", None) if items is None else items
     if not isinstance(items, pd.DataFrame) or not {"file", "polygons"} <= set(items.columns):
         raise UserError("localisation needs a DataLoader over a table with 'file' and 'polygons' columns "
                         "(fracture_fastai.data.radiograph_dataloaders builds one)")
+    if len(items) != len(dl.dataset): raise ValueError(f"{len(items)} table rows for {len(dl.dataset)} images")
     if getattr(dl.dataset, "split_idx", None) == 0:
         raise UserError("localisation needs a validation or test DataLoader: the training one pads and augments at random")
     resize = _find_resize(dl)
@@ -433,7 +436,9 @@ def score_localisation(
     hits, masses, tolerance_px, skipped = [], [], None, len(candidates) - len(idxs)
     for start in range(0, len(idxs), bs):
         chunk = idxs[start:start + bs]
-        cams = _gradcam(learn, _batch(dl, chunk)[0], target)[0].numpy()
+        x = _batch(dl, chunk)[0]
+        # An ensemble's map: the mean of its members' maps, each scaled to its own peak as one model's would be
+        cams = np.mean([_gradcam(member, x, target)[0].numpy() for member in learns], axis=0)
         for i, cam in zip(chunk, cams):
             row = items.iloc[i]
             orig_size = image_size(row.file)  # the header alone, DICOM or not: no pixels decoded

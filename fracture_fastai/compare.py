@@ -475,7 +475,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["valid", "test"], default="valid", help="images of the paired comparison")
     p.add_argument("--ensemble", action="store_true",
                    help="two-class runs on the same images (e.g. seeds under one --split-seed): score their mean "
-                        "probabilities as one model, the threshold chosen on valid (ensemble.json)")
+                        "probabilities as one model, the threshold chosen on valid, and their averaged Grad-CAMs "
+                        "against the fracture boxes (ensemble.json)")
     return p
 
 
@@ -528,7 +529,7 @@ def main(argv=None):
     report = paired_report(runs, args.paired, args.split)  # first: a wrong --paired fails before any timing
     if args.ensemble:  # before the timing too: runs of other images or classes fail here
         from .stats import ensemble_binary, format_ensemble
-        ensemble = ensemble_binary(runs)
+        ensemble = ensemble_binary(runs, localisation=True)
         report = "\n\n".join(filter(None, [report, format_ensemble(ensemble)]))
     df = leaderboard(runs, timing=not args.no_timing, n_images=args.n_images)
     out = Path(args.out if args.out is not None else _default_out(args.paths))

@@ -308,12 +308,44 @@ def ensemble_accuracy(runs, split: str = "valid") -> float:
     return float((np.asarray(classes)[np.mean(probs, axis=0).argmax(1)] == labels.to_numpy()).mean())
 
 
+def _ensemble_localisation(runs: list, labels: pd.Series, positives, called, positive: str) -> dict:
+    """The pointing game and mass inside of the ensemble's heat map (its members' Grad-CAMs averaged) against the
+    fracture boxes, on all positives and on the true positives, as a run scores its own (`localisation[_tp]`)."""
+    from .cam import score_localisation
+    from .data import load_table
+    from .model_io import load_any, read_description
+    metas = [read_description(r)[1] for r in runs]
+    if any({k: m.get(k) for k in ("size", "stats", "preprocess")} != {k: metas[0].get(k) for k in ("size", "stats", "preprocess")}
+           for m in metas):
+        raise UserError("the ensemble's heat map averages its members' maps of one input: their size, normalisation and "
+                        "preprocessing must be the same")
+    config = _read_json(runs[0] / "config.json")
+    options, data = config.get("options", {}), config.get("data", {}).get("path")
+    if not data or not Path(data).exists():
+        return {"localisation_skipped": f"the run's data ({data or 'the demo'}) is not there to read the boxes from"}
+    split_seed = options.get("split_seed") if options.get("split_seed") is not None else options.get("seed", 42)
+    table = load_table(data, valid_pct=options.get("valid_pct", 0.2), seed=split_seed).df.set_index("file")
+    if "polygons" not in table.columns: return {"localisation_skipped": f"{data} has no fracture boxes or polygons"}
+    items = table.reindex(labels.index).rename_axis("file").reset_index()
+    items["polygons"] = [p if isinstance(p, (list, tuple, np.ndarray)) else [] for p in items.polygons]
+    learns = [load_any(r) for r in runs]
+    dl = learns[0].dls.test_dl(list(items.file))
+    out = {}
+    for key, rows, name in (("localisation", positives, "all positives"),
+                            ("localisation_tp", positives & called, "true positives")):
+        scores = score_localisation(learns, dl, target=positive, rows=np.flatnonzero(rows), items=items)
+        if scores["n"]: out[key] = {**scores, "images": name, "maps": "the members' Grad-CAMs averaged"}
+    return out
+
+
 def ensemble_binary(
     runs,  # finished two-class runs scored on the same valid and test images (e.g. seeds under one --split-seed)
     operating_point: str | None = None,  # how the threshold is chosen on valid; None: the first run's own rule
+    localisation: bool = False,  # also score the ensemble's heat map against the fracture boxes (loads the models)
 ) -> dict:
     """The metrics of a binary test for the runs' mean class probabilities (what `predict --ensemble` of their models
-    outputs): the threshold chosen on the validation split, as a run chooses its own, then applied to the test split."""
+    outputs): the threshold chosen on the validation split, as a run chooses its own, then applied to the test split.
+    With `localisation`, each split also gets the pointing game of the members' averaged Grad-CAMs."""
     from .binary import evaluate_binary
     runs = [Path(r) for r in runs]
     if len(runs) < 2: raise UserError(f"an ensemble needs at least two runs; got {len(runs)}")
@@ -333,6 +365,11 @@ def ensemble_binary(
         scores = evaluate_binary(targets, np.mean(probs, axis=0), classes, options.get("positive"), threshold, operating_point)
         threshold = scores["threshold"]
         out[split] = scores
+        if localisation:
+            pos = classes.index(scores["positive"])
+            mean = np.mean(probs, axis=0)
+            out[split].update(_ensemble_localisation(runs, labels, targets == pos, mean[:, pos] >= threshold,
+                                                     scores["positive"]))
         for run in runs:  # each member's own numbers beside the ensemble's
             member = _read_json(run / "metrics.json").get(split, {}).get("binary", {})
             out["members"].setdefault(str(run), {})[split] = {k: member.get(k) for k in ("auroc", "sensitivity", "specificity")}
@@ -353,6 +390,12 @@ def format_ensemble(result: dict) -> str:
         lines.append(f"  {split} ({b['n']} images, {b['n_positive']} {b['positive']}): AUROC {ci(b['auroc'], b['auroc_ci95'])} "
                      f"(members: {members}); sensitivity {ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "
                      f"{ci(b['specificity'], b['specificity_ci95'])}")
+        for key in ("localisation_tp", "localisation"):
+            if key in b:
+                loc = b[key]
+                lines.append(f"    pointing game of the averaged heat maps, {loc['images']}: "
+                             f"{ci(loc['pointing_game'], loc.get('pointing_game_ci95'))} (n={loc['n']})")
+        if "localisation_skipped" in b: lines.append(f"    heat maps not scored: {b['localisation_skipped']}")
     return "\n".join(lines)
 
 

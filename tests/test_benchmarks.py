@@ -24,3 +24,4 @@ def test_bench_fracatlas_scores_a_seed_ensemble_on_one_split(tmp_path, fracatlas
     assert any(line.startswith("ensemble of 2 seeds (5, 6) on the split of seed 5") for line in lines)
     assert f"AUROC {expected['auroc']:.3f}" in res.stdout and f"(threshold {expected['threshold']:.3f}" in res.stdout
     assert sum(line.startswith("pointing game (seed") for line in lines) == 2 and "minutes " in lines[-1]
+    assert any(line.startswith("pointing game (the members' Grad-CAMs averaged): true positives") for line in lines)

@@ -168,8 +168,24 @@ def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path
         assert ens[split]["tp"] == int(((mean[a.split == split] >= ens["threshold"]) & (y == 1)).sum())
         assert ens["members"][str(other)][split]["auroc"] == pytest.approx(
             json.loads((other / "metrics.json").read_text())[split]["binary"]["auroc"])
+    for split in ("valid", "test"):  # the averaged heat maps, scored on the fractured images' boxes
+        assert ens[split]["localisation"]["n"] == json.loads((out / "metrics.json").read_text())[split]["localisation"]["n"]
     valid_y = (a.label[a.split == "valid"] == "fractured").astype(int)
     assert ens["valid"]["sensitivity"] >= 0.9 or valid_y.sum() == 0  # the operating point met where it was chosen
+
+
+def test_an_ensemble_of_one_model_twice_points_where_the_model_does(binary_run):
+    "The ensemble's heat map is its members' maps averaged: two copies of one model score exactly as that model did."
+    from fracture_fastai.stats import ensemble_binary
+    _, out, _ = binary_run
+    ens = ensemble_binary([out, out], localisation=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert ens[split]["auroc"] == pytest.approx(metrics[split]["binary"]["auroc"])
+        own, averaged = metrics[split]["localisation"], ens[split]["localisation"]
+        assert averaged["n"] == own["n"] > 0
+        assert averaged["pointing_game"] == pytest.approx(own["pointing_game"])
+        assert averaged["mass_inside"] == pytest.approx(own["mass_inside"], abs=1e-4)
 
 
 def test_split_seed_also_draws_the_sample(binary_run, tmp_path):
