@@ -308,27 +308,32 @@ def ensemble_accuracy(runs, split: str = "valid") -> float:
     return float((np.asarray(classes)[np.mean(probs, axis=0).argmax(1)] == labels.to_numpy()).mean())
 
 
-def _ensemble_localisation(runs: list, labels: pd.Series, positives, called, positive: str) -> dict:
-    """The pointing game and mass inside of the ensemble's heat map (its members' Grad-CAMs averaged) against the
-    fracture boxes, on all positives and on the true positives, as a run scores its own (`localisation[_tp]`)."""
-    from .cam import score_localisation
+def _heat_map_sources(runs: list):
+    """`(members' Learners, the data's table by file)` for scoring the ensemble's heat maps, read once for every split;
+    `(None, why not)` where the run's data or its boxes are not there."""
     from .data import load_table
     from .model_io import load_any, read_description
+    input_keys = ("size", "stats", "preprocess")
     metas = [read_description(r)[1] for r in runs]
-    if any({k: m.get(k) for k in ("size", "stats", "preprocess")} != {k: metas[0].get(k) for k in ("size", "stats", "preprocess")}
-           for m in metas):
+    if any({k: m.get(k) for k in input_keys} != {k: metas[0].get(k) for k in input_keys} for m in metas):
         raise UserError("the ensemble's heat map averages its members' maps of one input: their size, normalisation and "
                         "preprocessing must be the same")
     config = _read_json(runs[0] / "config.json")
     options, data = config.get("options", {}), config.get("data", {}).get("path")
     if not data or not Path(data).exists():
-        return {"localisation_skipped": f"the run's data ({data or 'the demo'}) is not there to read the boxes from"}
+        return None, f"the run's data ({data or 'the demo'}) is not there to read the boxes from"
     split_seed = options.get("split_seed") if options.get("split_seed") is not None else options.get("seed", 42)
     table = load_table(data, valid_pct=options.get("valid_pct", 0.2), seed=split_seed).df.set_index("file")
-    if "polygons" not in table.columns: return {"localisation_skipped": f"{data} has no fracture boxes or polygons"}
+    if "polygons" not in table.columns: return None, f"{data} has no fracture boxes or polygons"
+    return [load_any(r) for r in runs], table
+
+
+def _ensemble_localisation(learns: list, table: pd.DataFrame, labels: pd.Series, positives, called, positive: str) -> dict:
+    """The pointing game and mass inside of the ensemble's heat map (its members' Grad-CAMs averaged) against the
+    fracture boxes, on all positives and on the true positives, as a run scores its own (`localisation[_tp]`)."""
+    from .cam import score_localisation
     items = table.reindex(labels.index).rename_axis("file").reset_index()
     items["polygons"] = [p if isinstance(p, (list, tuple, np.ndarray)) else [] for p in items.polygons]
-    learns = [load_any(r) for r in runs]
     dl = learns[0].dls.test_dl(list(items.file))
     out = {}
     for key, rows, name in (("localisation", positives, "all positives"),
@@ -352,7 +357,7 @@ def ensemble_binary(
     options = run_options(runs[0])
     operating_point = operating_point or options.get("operating_point") or "youden"
     out = {"runs": [str(r) for r in runs], "members": {}, "operating_point": operating_point}
-    threshold = None
+    threshold, (learns, table) = None, _heat_map_sources(runs) if localisation else (None, None)
     for split in ("valid", "test"):
         try:
             labels, classes, probs = run_probabilities(runs, split)
@@ -365,10 +370,12 @@ def ensemble_binary(
         scores = evaluate_binary(targets, np.mean(probs, axis=0), classes, options.get("positive"), threshold, operating_point)
         threshold = scores["threshold"]
         out[split] = scores
-        if localisation:
+        if localisation and learns is None:
+            out[split]["localisation_skipped"] = table  # here `_heat_map_sources` said why not
+        elif localisation:
             pos = classes.index(scores["positive"])
             mean = np.mean(probs, axis=0)
-            out[split].update(_ensemble_localisation(runs, labels, targets == pos, mean[:, pos] >= threshold,
+            out[split].update(_ensemble_localisation(learns, table, labels, targets == pos, mean[:, pos] >= threshold,
                                                      scores["positive"]))
         for run in runs:  # each member's own numbers beside the ensemble's
             member = _read_json(run / "metrics.json").get(split, {}).get("binary", {})
