@@ -309,8 +309,8 @@ def ensemble_accuracy(runs, split: str = "valid") -> float:
 
 
 def _heat_map_sources(runs: list):
-    """`(members' Learners, the data's table by file)` for scoring the ensemble's heat maps, read once for every split;
-    `(None, why not)` where the run's data or its boxes are not there."""
+    """`(members' Learners, the data's table by file, None)` for scoring the ensemble's heat maps, read once for every
+    split; `(None, None, why not)` where the run's data or its boxes are not there."""
     from .data import load_table
     from .model_io import load_any, read_description
     input_keys = ("size", "stats", "preprocess")
@@ -321,11 +321,11 @@ def _heat_map_sources(runs: list):
     config = _read_json(runs[0] / "config.json")
     options, data = config.get("options", {}), config.get("data", {}).get("path")
     if not data or not Path(data).exists():
-        return None, f"the run's data ({data or 'the demo'}) is not there to read the boxes from"
+        return None, None, f"the run's data ({data or 'the demo'}) is not there to read the boxes from"
     split_seed = options.get("split_seed") if options.get("split_seed") is not None else options.get("seed", 42)
     table = load_table(data, valid_pct=options.get("valid_pct", 0.2), seed=split_seed).df.set_index("file")
-    if "polygons" not in table.columns: return None, f"{data} has no fracture boxes or polygons"
-    return [load_any(r) for r in runs], table
+    if "polygons" not in table.columns: return None, None, f"{data} has no fracture boxes or polygons"
+    return [load_any(r) for r in runs], table, None
 
 
 def _ensemble_localisation(learns: list, table: pd.DataFrame, labels: pd.Series, positives, called, positive: str) -> dict:
@@ -357,7 +357,7 @@ def ensemble_binary(
     options = run_options(runs[0])
     operating_point = operating_point or options.get("operating_point") or "youden"
     out = {"runs": [str(r) for r in runs], "members": {}, "operating_point": operating_point}
-    threshold, (learns, table) = None, _heat_map_sources(runs) if localisation else (None, None)
+    threshold, (learns, table, not_scored) = None, _heat_map_sources(runs) if localisation else (None, None, None)
     for split in ("valid", "test"):
         try:
             labels, classes, probs = run_probabilities(runs, split)
@@ -367,14 +367,14 @@ def ensemble_binary(
         if len(classes) != 2:
             raise UserError(f"ensemble_binary scores two-class runs; {runs[0]} has {len(classes)} classes")
         targets = np.array([classes.index(c) if c in classes else -1 for c in labels.astype(str)])
-        scores = evaluate_binary(targets, np.mean(probs, axis=0), classes, options.get("positive"), threshold, operating_point)
+        mean = np.mean(probs, axis=0)
+        scores = evaluate_binary(targets, mean, classes, options.get("positive"), threshold, operating_point)
         threshold = scores["threshold"]
         out[split] = scores
-        if localisation and learns is None:
-            out[split]["localisation_skipped"] = table  # here `_heat_map_sources` said why not
+        if not_scored:
+            out[split]["localisation_skipped"] = not_scored
         elif localisation:
             pos = classes.index(scores["positive"])
-            mean = np.mean(probs, axis=0)
             out[split].update(_ensemble_localisation(learns, table, labels, targets == pos, mean[:, pos] >= threshold,
                                                      scores["positive"]))
         for run in runs:  # each member's own numbers beside the ensemble's
