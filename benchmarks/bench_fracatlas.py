@@ -10,7 +10,8 @@ threshold chosen for 90 % specificity on the validation split (`--operating-poin
 would be used. With several `--seeds`, it trains one model per seed on the first seed's split (`--split-seed`) and
 scores their mean probabilities as one model (`stats.ensemble_binary`, what `predict MODEL --ensemble OTHER` outputs),
 its heat map the mean of its members' Grad-CAMs (each member's own pointing game beside it); the minutes are all the
-trainings' and the ensemble's scoring.
+trainings' and the ensemble's scoring, and `--out DIR` keeps the ensemble's metrics as DIR/ensemble.json (as `compare
+--ensemble` writes them). The validation split's AUROC and pointing game, which choose the recipe, are printed first.
 """
 import argparse
 import json
@@ -58,14 +59,21 @@ def main():
     members = [json.loads((r / "metrics.json").read_text()) for r in runs]
     split = "test" if "test" in members[0] else "valid"
     if len(runs) > 1:
+        from fracture_fastai.evaluate import write_json
         from fracture_fastai.stats import ensemble_binary
         ensemble = ensemble_binary(runs, localisation=True)
+        if args.out: write_json(ensemble, Path(args.out) / "ensemble.json")
         b = ensemble[split]
         print(f"\nensemble of {len(runs)} seeds ({', '.join(map(str, seeds))}) on the split of seed {seeds[0]}; "
               f"each alone: {split} AUROC " + ", ".join(f"{m[split]['binary']['auroc']:.3f}" for m in members))
     else:
         b = members[0][split]["binary"]
     minutes += (time.time() - start) / 60
+    scored = ensemble if len(runs) > 1 else members[0]
+    if split != "valid":
+        v = scored["valid"] if len(runs) > 1 else scored["valid"]["binary"]  # an ensemble's scores are flat
+        print(f"\nvalid, what the recipe is chosen on ({v['n']} images): AUROC {_ci(v['auroc'], v['auroc_ci95'])}; "
+              f"pointing game: {_pointing(scored, 'valid')}")
     print(f"\n{split} ({b['n']} images, {b['n_positive']} {b['positive']}), run folder(s) {', '.join(map(str, runs))}")
     print(f"AUROC {_ci(b['auroc'], b['auroc_ci95'])} (target >= {TARGET_AUROC}: ratio {b['auroc'] / TARGET_AUROC:.3f})")
     print(f"sensitivity {_ci(b['sensitivity'], b['sensitivity_ci95'])} at specificity "

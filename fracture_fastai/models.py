@@ -33,7 +33,7 @@ from .errors import ArchError, UserError, WeightsError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
            "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "build_model", "create_learner",
-           "count_params", "fold_batchnorm"]
+           "count_params", "early_layers", "fold_batchnorm"]
 
 PRETRAINED = ("auto", "require", "none")
 KINDS = ("torchvision", "timm", "custom")
@@ -168,6 +168,38 @@ def _kaiming_init(m):
 def count_params(model: nn.Module, trainable: bool = False) -> int:
     "Number of parameters in `model` (only those with requires_grad if `trainable`)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def early_layers(model: nn.Module,  # a model taking images (fastai's body + head, or any CNN)
+                 stride: int,  # the coarsest stride kept: layers whose output is 1/`stride` of the input's side or finer
+                 size: int = 64,  # side of the blank input used to find out
+                 ) -> list[nn.Module]:
+    """The modules with parameters of `model`, in the order they run, up to the first whose output is coarser than
+    1/`stride` of the input's side: the high-resolution front of a CNN (stem and first stages), whatever its arch."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None: return []
+    ran = []  # (module, output side) in the order the forward pass runs them
+
+    def hook(m, inp, out):
+        side = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 4 else 0
+        ran.append((m, side))
+
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(hook) for m in owners]
+    modes = [(m, m.training) for m in model.modules()]  # fastai's models can mix modes: each is put back as it was
+    param = next(model.parameters())
+    try:
+        model.eval()  # a blank batch must not move the batch norms' running statistics
+        with torch.no_grad():
+            model(torch.zeros(1, first_conv.in_channels, size, size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles: h.remove()
+        for m, mode in modes: m.training = mode
+    layers = []
+    for m, side in ran:
+        if not side or size / side > stride: break
+        if m not in layers: layers.append(m)
+    return layers
 
 
 # ---------------------------------------------------------------- where pretrained weights come from

@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--cam-loss: graph = through the whole Grad-CAM, head included; features = the Grad-CAM's "
                         "channel weights held fixed and each map standardised, so that only where the body's "
                         "features peak can change, not the logits' scale")
+    g.add_argument("--freeze-stride", type=int, default=0, metavar="STRIDE",
+                   help="keep the body's layers that compute at 1/STRIDE of the input's side or finer (the stem and "
+                        "first stages; 2, 4, 8...) at their ImageNet weights through every epoch: their backward "
+                        "pass, the costliest on a CPU, is skipped; 0 = off")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (0 = off)")
     g.add_argument("--pretrained", choices=["auto", "require", "none"], default="auto",
                    help="ImageNet weights: auto = use them when found, else train from scratch")
@@ -175,6 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check_options(args):
     "Every option that can be checked, checked before any data is read: a typo costs a second, never a run folder."
     import math
+    from .models import get_arch
     def need(ok, name, what):
         if not ok: raise UserError(f"--{name} must be {what}, got {getattr(args, name.replace('-', '_'))}")
     for name in ("epochs", "bs", "cycle-len", "cycle-mult"):
@@ -189,6 +194,11 @@ def _check_options(args):
     need(math.isfinite(args.wd) and args.wd >= 0, "wd", "0 or more")
     need(0 <= args.label_smoothing < 1, "label-smoothing", "in [0, 1)")
     need(math.isfinite(args.cam_loss) and args.cam_loss >= 0, "cam-loss", "0 (off) or a positive weight")
+    need(args.freeze_stride == 0 or (args.freeze_stride >= 2 and args.freeze_stride & (args.freeze_stride - 1) == 0),
+         "freeze-stride", "0 (off) or a power of two from 2 (2, 4, 8, ...)")
+    if args.freeze_stride and (args.pretrained == "none" or get_arch(args.arch).kind == "custom"):
+        raise UserError(f"--freeze-stride keeps ImageNet weights, and {args.arch} trains from scratch with --pretrained "
+                        f"{args.pretrained}; drop --freeze-stride, or pick a pretrained arch")
     need(0 < args.valid_pct < 1, "valid-pct", "between 0 and 1")
     need(0 < args.pseudo_threshold <= 1, "pseudo-threshold", "in (0, 1]")
     if args.snapshots and args.schedule != "sgdr":
@@ -297,6 +307,14 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         from .cam import CamSupervision
         cam = CamSupervision(args.cam_loss, args.cam_form)
         cbs = [*cbs, cam]  # training only: taken out with the others before the export
+    early = None
+    if args.freeze_stride:
+        if not learn.pretrained:
+            raise UserError(f"--freeze-stride keeps ImageNet weights, and {args.arch} found none here ({learn.weights_info.note}); "
+                            "drop --freeze-stride, or install its weights and add --pretrained require")
+        from .train import FreezeEarly
+        early = FreezeEarly(args.freeze_stride)
+        cbs = [*cbs, early]
     learn.add_cbs(cbs)
     info, precision = learn.weights_info, precision_of(learn)
     print(f"weights: {info.note}; precision: {precision}", flush=True)
@@ -311,6 +329,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
                         snapshots=args.snapshots)
     if not is_main():  # rank 0 alone evaluates and writes
         return learn, {}
+    if early is not None: summary["frozen_early"] = early.summary()  # what kept its ImageNet weights
     if cam is not None: summary["cam_loss_per_epoch"] = cam.epoch_means  # the added loss per epoch (None: none computed)
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]

@@ -23,12 +23,12 @@ from fastcore.meta import delegates
 from .data import class_weights
 from .errors import UserError
 from .files import atomic_path, save_figure
-from .models import create_learner
+from .models import create_learner, early_layers
 
 __all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "precision_of", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
            "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "sgdr_cycles", "fit_warm_restarts",
-           "Snapshots", "train",
+           "Snapshots", "FreezeEarly", "train",
            "Checkpoint", "load_checkpoint",
            "export_learner"]
 
@@ -264,6 +264,31 @@ class Snapshots(Callback):
     def saved(self, folder) -> list[str]:
         "The names saved in `folder` (a resumed run's earlier snapshots too), in order."
         return [f"snapshot{e}" for e in self.cycle_ends if (Path(folder) / f"snapshot{e}.pth").is_file()]
+
+
+class FreezeEarly(Callback):
+    """Keep the layers that compute at 1/`stride` of the input's side or finer (`models.early_layers`: the stem and first
+    stages) at their pretrained weights for every fit, batch norms' scales and shifts included, whatever `freeze` and
+    `unfreeze` do. Their backward pass is skipped: on a CPU, at 320 px, the costliest part of a training step."""
+    order = 1  # before anything computes; fastai's freeze_to has already set requires_grad when a fit starts
+
+    def __init__(self, stride: int):
+        if stride < 2: raise UserError(f"the frozen stride must be at least 2 (the stem's), got {stride}")
+        self.stride, self.layers = stride, None
+
+    def before_fit(self):
+        if self.layers is None:
+            if not getattr(self.learn, "pretrained", False):
+                raise UserError("--freeze-stride keeps pretrained weights, and this model has none: it trains from "
+                                "scratch; drop --freeze-stride or give it ImageNet weights (--pretrained require)")
+            self.layers = early_layers(self.learn.model, self.stride)
+        for m in self.layers:
+            for p in m.parameters(recurse=False): p.requires_grad_(False)
+
+    def summary(self) -> dict:
+        "What was kept: the stride, and the number of modules and parameters."
+        return {"stride": self.stride, "modules": len(self.layers or []),
+                "params": sum(p.numel() for m in self.layers or [] for p in m.parameters(recurse=False))}
 
 
 def _skipped(learn) -> bool:

@@ -20,7 +20,11 @@ def test_bench_fracatlas_scores_a_seed_ensemble_on_one_split(tmp_path, fracatlas
     assert [c["seed"] for c in configs] == [5, 6] and [c["split_seed"] for c in configs] == [5, 5]
     from fracture_fastai.stats import ensemble_binary
     expected = ensemble_binary([out / "seed-5", out / "seed-6"])["test"]
+    saved = json.loads((out / "ensemble.json").read_text())
+    assert saved["test"]["auroc"] == expected["auroc"] and "localisation_tp" in saved["valid"]
     lines = res.stdout.splitlines()
+    assert any(line.startswith(f"valid, what the recipe is chosen on ({saved['valid']['n']} images): AUROC "
+                               f"{saved['valid']['auroc']:.3f}") for line in lines)
     assert any(line.startswith("ensemble of 2 seeds (5, 6) on the split of seed 5") for line in lines)
     assert f"AUROC {expected['auroc']:.3f}" in res.stdout and f"(threshold {expected['threshold']:.3f}" in res.stdout
     assert sum(line.startswith("pointing game (seed") for line in lines) == 2 and "minutes " in lines[-1]

@@ -102,7 +102,9 @@ def test_demo_run_is_synthetic_and_says_so(tmp_path):
                                           (["--data", "/no/such/folder"], "does not exist"),
                                           (["--epochs", "0"], "--epochs must be at least 1"),
                                           (["--min-size", "8"], "--min-size must be 0 (off) or at least 32"),
-                                          (["--num-workers", "-1"], "--num-workers must be 0 or more")])
+                                          (["--num-workers", "-1"], "--num-workers must be 0 or more"),
+                                          (["--freeze-stride", "3"], "--freeze-stride must be 0 (off) or a power of two"),
+                                          (["--arch", "cnn", "--freeze-stride", "4"], "keeps ImageNet weights")])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, cli_exit):
     from fracture_fastai.run import main
     code, err = cli_exit(main, [*args, "--out", str(tmp_path / "never")])

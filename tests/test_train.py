@@ -5,7 +5,8 @@ import torch
 
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
-from fracture_fastai.train import (CPUBFloat16, ProgressiveResize, export_learner, fit_warm_restarts,
+from fracture_fastai.models import build_model, early_layers
+from fracture_fastai.train import (CPUBFloat16, FreezeEarly, ProgressiveResize, export_learner, fit_warm_restarts,
                                    precision_of, progressive_sizes, radiograph_learner, resolve_precision, train)
 
 
@@ -77,6 +78,48 @@ def test_pretrained_learner_trains_frozen_then_unfrozen(demo_dls, tmp_path):
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.phase) == ["frozen", "unfrozen"] and summary["lr"] == 1e-3
     assert all(p.requires_grad for p in learn.model.parameters())  # unfrozen at the end
+
+
+def _owners(module): return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def test_early_layers_are_the_high_resolution_front():
+    model = build_model("resnet18", 2)
+    body = model[0]  # conv1 (1/2), bn1, relu, maxpool (1/4), layer1 (1/4), layer2 (1/8), ...
+    bn = body[1]
+    stats, mode = bn.running_mean.clone(), [m.training for m in model.modules()]
+    assert early_layers(model, 2) == [body[0], body[1]]
+    assert early_layers(model, 4) == [body[0], body[1], *_owners(body[4])]
+    assert early_layers(model, 8) == [body[0], body[1], *_owners(body[4]), *_owners(body[5])]
+    assert torch.equal(bn.running_mean, stats) and [m.training for m in model.modules()] == mode  # the probe left no trace
+    net = build_model("tf_efficientnet_lite0", 2)[0].model
+    stage2 = net.blocks[2][0]  # its expansion runs at 1/4, its depthwise convolution at 1/8
+    assert early_layers(build_model("tf_efficientnet_lite0", 2).to(memory_format=torch.channels_last), 4) != []
+    assert early_layers(net, 4) == [net.conv_stem, net.bn1, *_owners(net.blocks[0]), *_owners(net.blocks[1]),
+                                    stage2.conv_pw, stage2.bn1]
+
+
+def test_freeze_early_keeps_the_front_through_both_phases(demo_dls, tmp_path):
+    learn = radiograph_learner("tf_efficientnet_lite0", demo_dls, pretrained="auto")
+    keep = FreezeEarly(4)
+    learn.add_cb(keep)
+    front = early_layers(learn.model, 4)
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    in_front = {id(p) for m in front for p in m.parameters(recurse=False)}
+    train(learn, epochs=1, freeze_epochs=1, lr=1e-2, out_dir=tmp_path, patience=0)
+    changed = {n for n, p in learn.model.named_parameters() if not torch.equal(p, before[n])}
+    front_names = {n for n, p in learn.model.named_parameters() if id(p) in in_front}
+    assert any(n.endswith("bn1.weight") for n in front_names) and len(front_names) > 20
+    assert not changed & front_names  # batch norms' scales and shifts included, in the unfrozen epoch too
+    body = {n for n in before if n.startswith("0.") and n not in front_names}
+    assert len(changed & body) > len(body) / 2  # the rest of the body did train
+    assert keep.summary() == {"stride": 4, "modules": len(front),
+                              "params": sum(p.numel() for m in front for p in m.parameters(recurse=False))}
+    scratch = radiograph_learner("cnn", demo_dls, cbs=[FreezeEarly(4)])
+    with pytest.raises(UserError, match="keeps pretrained weights"):
+        with scratch.no_bar(), scratch.no_logging(): scratch.fit(1)
+    with pytest.raises(UserError, match="at least 2"):
+        FreezeEarly(1)
 
 
 def test_early_stopping(demo_dls, tmp_path):
