@@ -203,6 +203,38 @@ def add_export_and_images(p: argparse.ArgumentParser):
                    help=f"image files, or folders searched recursively for {' '.join(sorted(IMAGE_EXTS))}")
 
 
+def _threshold(text: str):
+    "--threshold: a probability, or the path of an ensemble.json (`compare --ensemble`)."
+    try:
+        return float(text)
+    except ValueError:
+        return Path(text).expanduser()
+
+
+def _run_folder(model) -> Path:
+    "The run folder of a model path (the folder itself, or the folder of its model.json / export.pkl)."
+    model = Path(model).expanduser().resolve()
+    return model if model.is_dir() else model.parent
+
+
+def _ensemble_decision(path: Path, models) -> dict:
+    "The decision rule an ensemble.json records for exactly these `models`: its threshold, chosen on validation."
+    import json
+    try:
+        saved = json.loads(path.read_text())
+        runs, threshold, positive = saved["runs"], float(saved["threshold"]), saved["valid"]["positive"]
+    except FileNotFoundError:
+        raise UserError(f"--threshold {path}: no such file; give a probability or compare --ensemble's ensemble.json") from None
+    except Exception:
+        raise UserError(f"--threshold {path}: not an ensemble.json of compare --ensemble (it needs runs, threshold "
+                        "and valid.positive)") from None
+    if sorted(map(_run_folder, runs)) != sorted(map(_run_folder, models)):
+        raise UserError(f"--threshold {path} was chosen for the ensemble of {' '.join(runs)}; predict those runs "
+                        f"(MODEL --ensemble OTHER ...), not {' '.join(map(str, models))}")
+    return {"positive": positive, "threshold": threshold,
+            "source": f"the ensemble's, chosen on validation for {saved.get('operating_point')}: {path}"}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fracture_fastai.predict",
@@ -217,9 +249,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(fastai's tta, 5 passes) or none; default: what the model's metrics and threshold were "
                         "measured with (its run's --tta, saved in model.json), none where it says nothing")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=None, metavar="T",
+    p.add_argument("--threshold", type=_threshold, default=None, metavar="T",
                    help="binary models: call the positive class from this probability on, instead of the threshold "
-                        "saved with the model (chosen on its validation split); probability is then the positive class's")
+                        "saved with the model (chosen on its validation split); probability is then the positive "
+                        "class's. An ensemble.json (compare RUNS --ensemble) gives that ensemble's threshold, chosen "
+                        "on validation for its mean probability: predict its runs (MODEL --ensemble OTHER ...)")
     p.add_argument("--backend", choices=["fastai", "onnx"], default="fastai",
                    help="fastai (default), or onnx: the run's model.onnx (python -m fracture_fastai.export RUN --onnx) "
                         "on onnxruntime, without torch")
@@ -250,7 +284,9 @@ def _decision(args, classes, models) -> dict | None:
     positives = sorted({d["positive"] for d in saved if d})
     if len(positives) > 1:
         raise UserError(f"the models disagree on the positive class ({', '.join(positives)}); ensemble models of one task")
-    if args.threshold is not None:
+    if isinstance(args.threshold, Path):
+        decision = _ensemble_decision(args.threshold, models)
+    elif args.threshold is not None:
         from .binary import positive_class  # without a saved rule: the positive class by name, as the run found it
         decision = {"positive": positives[0] if positives else positive_class(classes), "threshold": args.threshold,
                     "source": "--threshold"}
@@ -311,8 +347,10 @@ def _predict_command(args) -> int:
     "Predict the images of parsed `args`, print or write the table, report failures; the exit code."
     if args.bs < 1:
         raise UserError(f"--bs must be at least 1; got {args.bs}")
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
+    if isinstance(args.threshold, float) and not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
+    if isinstance(args.threshold, Path):
+        _ensemble_decision(args.threshold, [args.export, *args.ensemble])  # a wrong file fails before any model loads
     files, missing = find_images(args.paths)
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=sys.stderr)

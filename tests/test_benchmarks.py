@@ -14,7 +14,7 @@ def test_bench_fracatlas_scores_a_seed_ensemble_on_one_split(tmp_path, fracatlas
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fracatlas.py"), "--data", str(data), "--out", str(out),
                           "--seeds", "5", "6", "--", "--arch", "cnn", "--size", "32", "--epochs", "1", "--lr", "1e-3",
-                          "--bs", "8", "--cam-loss", "0"], capture_output=True, text=True, env=env)
+                          "--bs", "8", "--cam-loss", "0", "--freeze-stride", "0"], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     configs = [json.loads((out / f"seed-{s}" / "config.json").read_text())["options"] for s in (5, 6)]
     assert [c["seed"] for c in configs] == [5, 6] and [c["split_seed"] for c in configs] == [5, 5]

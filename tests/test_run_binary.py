@@ -172,6 +172,18 @@ def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path
         assert ens[split]["localisation"]["n"] == json.loads((out / "metrics.json").read_text())[split]["localisation"]["n"]
     valid_y = (a.label[a.split == "valid"] == "fractured").astype(int)
     assert ens["valid"]["sensitivity"] >= 0.9 or valid_y.sum() == 0  # the operating point met where it was chosen
+    # predict calls the ensemble's images at the threshold chosen for it on valid, not at its members' mean threshold
+    images = list(a.index[a.split == "test"][:6])
+    ens_json = str(tmp_path / "cmp" / "ensemble.json")
+    res = _cli("fracture_fastai.predict", str(out), "--ensemble", str(other), *images, "--threshold", ens_json,
+               "--csv", str(tmp_path / "ens.csv"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"from {ens['threshold']:.4f} on (the ensemble's, chosen on validation for sens=0.90" in res.stderr
+    called = pd.read_csv(tmp_path / "ens.csv").set_index("file").loc[images]
+    assert called.probability.to_numpy() == pytest.approx(mean[images].to_numpy(), abs=1e-4)
+    assert list(called["class"]) == ["fractured" if m >= ens["threshold"] else "normal" for m in mean[images]]
+    res = _cli("fracture_fastai.predict", str(out), *images, "--threshold", ens_json)  # one member alone: refused
+    assert res.returncode == 2 and "was chosen for the ensemble of" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_an_ensemble_of_one_model_twice_points_where_the_model_does(binary_run):
