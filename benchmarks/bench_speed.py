@@ -53,6 +53,12 @@ def _learner(args, dls):
     from fracture_fastai.train import radiograph_learner
     learn = radiograph_learner(args.arch, dls, precision=args.precision, path=tempfile.mkdtemp(prefix="bench-"))
     learn.unfreeze()  # the main phase's cost: the whole model learns
+    if args.freeze_stride:  # ... but its high-resolution front (run --freeze-stride): as FreezeEarly leaves it in a fit
+        from fracture_fastai.train import FreezeEarly
+        keep = FreezeEarly(args.freeze_stride)
+        learn.add_cb(keep)
+        keep.learn = learn
+        keep.before_fit()  # measure_model steps the optimiser itself, outside any fit
     return learn
 
 
@@ -202,6 +208,8 @@ def main(argv=None):
     p.add_argument("--bs", type=int, default=32)
     p.add_argument("--precision", default="auto")
     p.add_argument("--copies", default="one")
+    p.add_argument("--freeze-stride", type=int, default=0,
+                   help="keep the layers at 1/N of the input's side or finer at their weights, as run --freeze-stride N")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a small sample: the same keys in under 3 minutes")
     p.add_argument("--no-run", action="store_true", help="skip the whole default run (phases)")
@@ -225,7 +233,7 @@ def main(argv=None):
 
     table = load_table(args.data)
     if args.quick: table.df = sample_per_class(table.df, 40, seed=42)
-    res = {"arch": args.arch, "size": args.size, "bs": args.bs, "quick": args.quick, "threads": torch.get_num_threads(),
+    res = {"arch": args.arch, "size": args.size, "bs": args.bs, "freeze_stride": args.freeze_stride, "quick": args.quick, "threads": torch.get_num_threads(),
            "malloc_tuned": malloc_tuned}
     res.update(measure_pipeline(args, table))
     cache = PreprocessCache(tempfile.mkdtemp(prefix="bench-cache-"))
