@@ -57,7 +57,6 @@ def _learner(args, dls):
         from fracture_fastai.train import FreezeEarly
         keep = FreezeEarly(args.freeze_stride)
         learn.add_cb(keep)
-        keep.learn = learn
         keep.before_fit()  # measure_model steps the optimiser itself, outside any fit
     return learn
 

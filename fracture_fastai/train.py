@@ -279,8 +279,10 @@ class FreezeEarly(Callback):
     def before_fit(self):
         if self.layers is None:
             if not getattr(self.learn, "pretrained", False):
-                raise UserError("--freeze-stride keeps pretrained weights, and this model has none: it trains from "
-                                "scratch; drop --freeze-stride or give it ImageNet weights (--pretrained require)")
+                info = getattr(self.learn, "weights_info", None)
+                raise UserError("--freeze-stride keeps pretrained weights, and this model has none"
+                                + (f" ({info.note})" if info is not None else "") + ": it trains from scratch; drop "
+                                "--freeze-stride, or install its weights and add --pretrained require")
             self.layers = early_layers(self.learn.model, self.stride)
         for m in self.layers:
             for p in m.parameters(recurse=False): p.requires_grad_(False)
