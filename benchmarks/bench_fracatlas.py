@@ -9,7 +9,8 @@ The recipe (README, "Fracture or not"), chosen on the validation split: two mode
 (`fracture_fastai.run.RECIPES`) with the body's high-resolution front kept at its ImageNet weights (`--freeze-stride
 4`) and 1 + 5 epochs, trained with seeds 42 and 43 on seed 42's split (`--split-seed`), their mean probabilities
 scored as one model (`stats.ensemble_binary`, what `predict MODEL --ensemble OTHER` outputs) and their Grad-CAMs
-averaged as its heat map (each member's own pointing game beside it). `--seeds` trains other seeds (all on the first
+averaged as its heat map (each member's own pointing game beside it; each map mirror-averaged, as the recipe's flip
+TTA averages the probabilities). `--seeds` trains other seeds (all on the first
 one's split; one seed: one model, no ensemble); extra run options after `--` override the recipe's (`-- --freeze-stride
 0 --epochs 4` gives `--recipe fracture` as it stands). Sensitivity at 90 % specificity is the test split's, at the
 threshold chosen for 90 % specificity on the validation split (`--operating-point spec=0.90`), as a deployed model

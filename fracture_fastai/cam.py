@@ -89,59 +89,95 @@ def _targets(learn, target, logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor([_class_index(learn, t, n_classes) for t in target], device=logits.device)
 
 
-def _gradcam(learn, x: torch.Tensor, target=None) -> tuple:
-    "`(cams, probs, targets)`: Grad-CAM maps (bs, H, W) in [0, 1], softmax probabilities and the classes explained."
+def _level_input(store: list):
+    "Forward-pre-hook function: keep a stage's input (a finer feature map), made to require grad as `_track_grad` does."
+    def hook(module, args):
+        if store or not args or not isinstance(args[0], torch.Tensor): return None  # the first call's input only
+        x = args[0] if args[0].requires_grad else args[0].detach().requires_grad_(True)
+        store.append(x)
+        return (x, *args[1:])
+    return hook
+
+
+def _gradcam_pass(learn, x: torch.Tensor, target, entries: list) -> tuple:
+    "`(cams, logits, targets)` of one pass: each level's Grad-CAM at the input size, scaled to its peak, averaged."
     from fastai.callback.hook import Hook
+    model = learn.model
+    stores = [[] for _ in entries]
+    handles = [m.register_forward_pre_hook(_level_input(store)) for m, store in zip(entries, stores)]
+    try:
+        with torch.enable_grad(), Hook(model[0], _track_grad, detach=False) as hook:
+            logits = model(x).as_subclass(torch.Tensor)
+            maps = [hook.stored] + [store[0] if store else None for store in stores]
+            if not all(isinstance(a, torch.Tensor) and a.ndim == 4 for a in maps):
+                raise UserError("Grad-CAM needs learn.model[0] to output a feature map (batch, channels, h, w); got "
+                                f"{tuple(maps[0].shape) if isinstance(maps[0], torch.Tensor) else type(maps[0]).__name__}")
+            targets = _targets(learn, target, logits)
+            # Images in a batch don't interact in eval mode, so one backward pass of the summed scores gives each image
+            # its own gradient; autograd.grad, unlike backward(), leaves the parameters' .grad untouched.
+            grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), maps)
+    finally:
+        for h in handles: h.remove()
+    cams = 0
+    for acts, grad in zip(maps, grads):
+        weights = grad.mean((2, 3), keepdim=True)  # global-average-pooled gradients: one weight per channel
+        cam = F.relu((weights * acts).sum(1, keepdim=True)).detach().float()
+        cams = cams + _peak_scaled(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
+    return cams / len(maps), logits.detach().float(), targets
+
+
+def _peak_scaled(cams: torch.Tensor) -> torch.Tensor:
+    "Each map divided by its peak, not min-max: 0 keeps meaning 'no evidence' (a map without any stays all zeros)."
+    # So the mass inside a polygon is comparable across images.
+    peak = cams.flatten(1).amax(1)[:, None, None]
+    return cams / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _gradcam(learn, x: torch.Tensor, target=None, levels: int = 1, flip: bool = False) -> tuple:
+    """`(cams, probs, targets)`: heat maps (bs, H, W) in [0, 1], softmax probabilities and the classes explained.
+    `levels` > 1 averages the Grad-CAMs of finer feature maps in; `flip` averages each image's with its mirror's
+    (mirrored back), and its probabilities, as `tta='flip'` does."""
+    from .models import feature_map_entries
     model = learn.model
     device = next(model.parameters(), torch.empty(0)).device
     x = x.as_subclass(torch.Tensor).to(device)  # a plain tensor: fastai's TensorImage dispatch has no part here
-    with _eval_mode(model), torch.enable_grad(), Hook(model[0], _track_grad, detach=False) as hook:
-        logits = model(x).as_subclass(torch.Tensor)
-        acts = hook.stored
-        if not isinstance(acts, torch.Tensor) or acts.ndim != 4:
-            raise UserError("Grad-CAM needs learn.model[0] to output a feature map (batch, channels, h, w); got "
-                            f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
-        targets = _targets(learn, target, logits)
-        # Images in a batch don't interact in eval mode, so one backward pass of the summed scores gives each image
-        # its own gradient; autograd.grad, unlike backward(), leaves the parameters' .grad untouched.
-        (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), acts)
-    weights = grads.mean((2, 3), keepdim=True)  # global-average-pooled gradients: one weight per channel
-    cams = F.relu((weights * acts).sum(1, keepdim=True)).detach()
-    cams = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    # Scaled by the peak, not min-max: 0 keeps meaning "no evidence", so the mass inside a polygon is comparable
-    # across images; a map with no positive evidence stays all zeros.
-    peak = cams.flatten(1).amax(1)[:, None, None]
-    cams = cams / torch.where(peak > 0, peak, torch.ones_like(peak))
-    return cams.clamp(0, 1).cpu(), logits.detach().softmax(1).cpu(), targets.cpu()
+    with _eval_mode(model):
+        entries = feature_map_entries(model[0], levels)
+        cams, logits, targets = _gradcam_pass(learn, x, target, entries)
+        probs = logits.softmax(1)
+        if flip:  # the mirror explains the same class, whatever it predicts itself
+            mirror, mirror_logits, _ = _gradcam_pass(learn, x.flip(-1), targets, entries)
+            cams, probs = (cams + mirror.flip(-1)) / 2, (probs + mirror_logits.softmax(1)) / 2
+            if target is None and (probs.argmax(1) != targets).any():  # a near tie that the mirror tipped: explain
+                return _gradcam(learn, x, probs.argmax(1), levels, flip)  # the class the averaged probabilities give
+    return _peak_scaled(cams).clamp(0, 1).cpu(), probs.cpu(), targets.cpu()
 
 
 def gradcam(
     learn,  # a Learner whose `model[0]` is the body (a conv feature map) and `model[1]` the head
     x: torch.Tensor,  # a batch of images, normalised as the Learner's DataLoaders give them
     target=None,  # None: each image's predicted class; else a class (name or index) or one per image
+    levels: int = 1,  # 1: the body's output; 2: and the last feature map at twice its resolution, ... (maps averaged)
+    flip: bool = False,  # average each image's map with its mirror's (mirrored back), as `tta='flip'` does the probabilities
 ) -> torch.Tensor:  # (bs, H, W) at the input resolution, each map scaled to a peak of 1 (all 0 without evidence)
     "Grad-CAM of `x` for `target`: ReLU of the body's feature maps weighted by the mean gradient of the class score."
     # Works on frozen bodies and leaves the model as found: training mode restored, requires_grad never changed.
-    return _gradcam(learn, x, target)[0]
+    return _gradcam(learn, x, target, levels, flip)[0]
 
 
 def explain_file(
     learn,  # a Learner from `model_io.load_any`
     file,  # one radiograph: JPEG, PNG, DICOM, ...
     target=None,  # None: the predicted class; else a class name or index
-    tta: str = "none",  # 'flip': the probabilities are the mean of the image's and its mirror's (the map stays the image's)
+    tta: str = "none",  # 'flip': the probabilities and the map are the means of the image's and its mirror's
+    levels: int = 1,  # the heat map's feature-map levels (`gradcam`); the model's own: `model_io.read_heat_map`
 ) -> tuple:
     "`(probs, cam, image)` of one radiograph file: class probabilities (numpy), its Grad-CAM map and the model's input image."
     if tta not in ("none", "flip"): raise UserError(f"explain_file's tta must be 'none' or 'flip'; got {tta!r}")
     dl = _set_split(learn.dls.test_dl([str(file)], bs=1))
     x = _after_batch(dl, dl.do_batch([dl.do_item(0)]))[0]
     target = None if target is None else _class_index(learn, target, learn.dls.c)
-    cams, probs, _ = _gradcam(learn, x, target)
-    if tta == "flip":  # the Grad-CAM pass gave the plain probabilities: only the mirror is left to run
-        device = next(learn.model.parameters(), torch.empty(0)).device
-        with _eval_mode(learn.model), torch.no_grad():
-            mirror = learn.model(x.as_subclass(torch.Tensor).to(device).flip(-1))
-        probs = (probs + mirror.as_subclass(torch.Tensor).float().softmax(1).cpu()) / 2
+    cams, probs, _ = _gradcam(learn, x, target, levels, flip=tta == "flip")
     return probs[0].numpy(), cams[0].numpy(), decode_images(dl, x)[0]
 
 
@@ -243,6 +279,8 @@ def gradcam_grid(
     dl=None,  # a validation-style DataLoader; default `learn.dls.valid`
     n: int = 8,  # images to show
     alpha: float = 0.5,  # opacity of the heat map
+    levels: int = 1,  # the heat map's feature-map levels (`gradcam`)
+    flip: bool = False,  # maps and probabilities averaged with the mirror's, as the run's `tta='flip'` scores them
 ) -> Path:
     "Grid of Grad-CAM overlays (predicted class) of `n` images, half right and half wrong where the data allow."
     dl = (learn.dls.valid if dl is None else dl).new(shuffle=False, drop_last=False)
@@ -251,19 +289,19 @@ def gradcam_grid(
         probs, targs = learn.get_preds(dl=dl, act=lambda o: F.softmax(o, dim=-1))[:2]
     picks = _right_and_wrong(probs.float(), targs, n)
     x = _batch(dl, picks)[0]
-    cams, _, _ = _gradcam(learn, x)
+    cams, shown, _ = _gradcam(learn, x, levels=levels, flip=flip)  # the titles give these maps' probabilities
     images = decode_images(dl, x)
     vocab = _vocab(learn)
     cols = min(4, len(picks))
     rows = math.ceil(len(picks) / cols)
     fig, axs = plt.subplots(rows, 2 * cols, figsize=(4 * cols, 2.3 * rows), squeeze=False)
     for ax in axs.flat: ax.axis("off")
-    for j, (i, img, cam) in enumerate(zip(picks, images, cams)):
+    for j, (i, img, cam, p) in enumerate(zip(picks, images, cams, shown)):
         ax_img, ax_cam = axs[j // cols, 2 * (j % cols)], axs[j // cols, 2 * (j % cols) + 1]
         _show(ax_img, img)
         _show(ax_cam, img, cam, alpha)
-        pred = int(probs[i].argmax())
-        title = f"{_class_name(vocab, pred)} ({probs[i, pred]:.2f})"
+        pred = int(p.argmax())
+        title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"
         right = targs is None or int(targs[i]) == pred
         if targs is not None: title = f"{_class_name(vocab, int(targs[i]))} / {title}"
         # Left-aligned over the pair: the title names the image, not one of its two panels.
@@ -414,12 +452,18 @@ def score_localisation(
     target=None,  # the class whose map is scored (name or index); None: each image's predicted class
     rows=None,  # indices of `dl.items` to score (e.g. the true positives); None: every annotated image
     items=None,  # the table of `dl`'s images in its order, where `dl` holds only their files (a loaded model's test_dl)
+    levels=1,  # the heat map's feature-map levels (`gradcam`): one for every learner, or a list with one per learner
+    flip=False,  # each map averaged with its mirror's, as a run with `tta='flip'` scores its probabilities (or one per learner)
 ) -> dict:
     "`localisation_scores` of the `target` class's Grad-CAM against each image's fracture polygons (through the Resize)."
     import pandas as pd
     from .preprocess import image_size
     tolerance = _check_tolerance(tolerance)
     learns = list(learn) if isinstance(learn, (list, tuple)) else [learn]
+    per_learner = [list(v) if isinstance(v, (list, tuple)) else [v] * len(learns) for v in (levels, flip)]
+    if any(len(v) != len(learns) for v in per_learner):
+        raise ValueError(f"levels and flip: one value, or one per learner ({len(learns)}); got {levels!r}, {flip!r}")
+    makes = list(zip(*per_learner))  # (levels, flip) of each learner's map
     dl = learns[0].dls.valid if dl is None else dl
     items = getattr(dl, "items", None) if items is None else items
     if not isinstance(items, pd.DataFrame) or not {"file", "polygons"} <= set(items.columns):
@@ -438,7 +482,7 @@ def score_localisation(
         chunk = idxs[start:start + bs]
         x = _batch(dl, chunk)[0]
         # An ensemble's map: the mean of its members' maps, each scaled to its own peak as one model's would be
-        cams = np.mean([_gradcam(member, x, target)[0].numpy() for member in learns], axis=0)
+        cams = np.mean([_gradcam(member, x, target, *make)[0].numpy() for member, make in zip(learns, makes)], axis=0)
         for i, cam in zip(chunk, cams):
             row = items.iloc[i]
             orig_size = image_size(row.file)  # the header alone, DICOM or not: no pixels decoded
@@ -451,7 +495,7 @@ def score_localisation(
             hits.append(hit)
             masses.append(mass)
     return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px),
-            "target": "predicted" if target is None else str(target)}
+            "target": "predicted" if target is None else str(target), "levels": levels, "flip": flip}
 
 
 # ---------------------------------------------------------------- command line
@@ -482,6 +526,11 @@ def _parser() -> argparse.ArgumentParser:
     add_export_and_images(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays (<image stem>_gradcam.png)")
     p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
+    p.add_argument("--levels", type=int, default=None, metavar="N",
+                   help="feature-map levels averaged into the heat map (1: the body's output; 2: and the map at twice "
+                        "its resolution); default: the model's own, as its run scored it (model.json), else 1")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each map with its mirror's, probabilities too; default: the model's own, else no")
     p.add_argument("--bs", type=int, default=16, help="batch size (default: %(default)s)")
     return p
 
@@ -509,15 +558,18 @@ def _readable_items(dl, idxs, files) -> tuple:
 def _cam_command(args) -> int:
     "Draw the overlays of parsed `args`; the exit code."
     from .data import IMAGE_EXTS
-    from .model_io import load_any
+    from .model_io import load_any, read_heat_map
     from .predict import find_images
     if args.bs < 1: raise UserError(f"--bs must be at least 1; got {args.bs}")
+    if args.levels is not None and args.levels < 1: raise UserError(f"--levels must be at least 1; got {args.levels}")
     files, missing = find_images(args.paths)
     for p in missing: print(f"skipped {p}: no such file or folder", file=sys.stderr)
     if not files:
         raise UserError(f"no images found in {' '.join(args.paths)}; looked for {' '.join(sorted(IMAGE_EXTS))}")
     out = check_writable(args.out, "--out", folder=True)
     learn = load_any(args.export)
+    heat_map = read_heat_map(args.export)
+    heat_map.update({k: getattr(args, k) for k in heat_map if getattr(args, k) is not None})
     vocab = _vocab(learn)
     target = None if args.target is None else _class_index(learn, args.target, learn.dls.c)
     dl = _set_split(learn.dls.test_dl([str(f) for f in files], bs=args.bs))
@@ -529,7 +581,7 @@ def _cam_command(args) -> int:
         n_failed += len(range(start, min(start + args.bs, len(files)))) - len(good)
         if not good: continue
         x = _after_batch(dl, dl.do_batch(items))[0]
-        cams, probs, targets = _gradcam(learn, x, target)
+        cams, probs, targets = _gradcam(learn, x, target, **heat_map)
         for i, image, cam, p, t in zip(good, decode_images(dl, x), cams, probs, targets.tolist()):
             pred = int(p.argmax())
             title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"

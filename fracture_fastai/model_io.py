@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # for the annotations only: the functions import numpy where 
     import numpy
 
 __all__ = ["MODEL_FORMAT", "save_model", "load_model", "load_any", "describe_model", "read_description", "read_decision", "read_tta",
+           "read_heat_map",
            "export_onnx", "OnnxModel", "load_onnx"]
 
 MODEL_FORMAT = "fracture_fastai-model/1"
@@ -164,6 +165,18 @@ def read_tta(
     'flip' or 'aug'), from model.json; 'none' where it says nothing (older models, an export.pkl on its own)."""
     tta = _saved_meta(path).get("tta", "none")
     return tta if tta in TTA else "none"
+
+
+def read_heat_map(
+    path,  # a run folder, its model.json, or an export.pkl (whose run folder's model.json is read)
+) -> dict:
+    """`{'levels', 'flip'}`, the Grad-CAM the model's localisation was scored with (keyword arguments of `cam.gradcam`),
+    from model.json; the body's output alone, unmirrored, where it says nothing (older models, an export.pkl alone)."""
+    saved = _saved_meta(path).get("heat_map")
+    saved = saved if isinstance(saved, dict) else {}
+    levels = saved.get("levels")
+    return {"levels": levels if isinstance(levels, int) and not isinstance(levels, bool) and levels >= 1 else 1,
+            "flip": saved.get("flip") is True}
 
 
 # ---------------------------------------------------------------- ONNX

@@ -33,7 +33,7 @@ from .errors import ArchError, UserError, WeightsError
 
 __all__ = ["ArchSpec", "ARCHS", "register_arch", "list_archs", "get_arch", "arch_stats", "FractureCNN",
            "PRETRAINED", "WeightsInfo", "resolve_weights", "is_online", "lite_to_timm", "build_model", "create_learner",
-           "count_params", "early_layers", "fold_batchnorm"]
+           "count_params", "early_layers", "feature_map_entries", "fold_batchnorm"]
 
 PRETRAINED = ("auto", "require", "none")
 KINDS = ("torchvision", "timm", "custom")
@@ -200,6 +200,47 @@ def early_layers(model: nn.Module,  # a model taking images (fastai's body + hea
         if not side or size / side > stride: break
         if m not in layers: layers.append(m)
     return layers
+
+
+def feature_map_entries(body: nn.Module,  # a CNN body: images in, a feature map (batch, channels, h, w) out
+                        levels: int,  # how many levels of feature map, the body's output counted as the first
+                        size: int = 64,  # side of the blank input used to find out
+                        ) -> list[nn.Module]:
+    """For each of the `levels - 1` levels finer than the body's output (2x, 4x, ... its side), the module whose input
+    is the body's last feature map at that level: where a stage begins, so its input holds the previous stage's
+    output, residual sums included (resnet18: layer4 for 2x, layer3 for 4x). Found by one blank forward pass."""
+    if levels < 1: raise UserError(f"heat-map levels must be at least 1; got {levels}")
+    first_conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
+    if levels == 1 or first_conv is None: return []
+    started, ended = [], {}  # modules in the order they start, with their input's side; each one's output side
+
+    def side(t): return t.shape[-1] if isinstance(t, torch.Tensor) and t.ndim == 4 else 0
+    def pre(m, args):
+        if m not in ended: started.append((m, side(args[0]) if args else 0))
+    def post(m, args, out): ended.setdefault(m, side(out))
+
+    handles = [h for m in body.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    modes = [(m, m.training) for m in body.modules()]
+    param = next(body.parameters())
+    try:
+        body.eval()  # a blank batch must not move the batch norms' running statistics
+        with torch.no_grad():
+            out = body(torch.zeros(1, first_conv.in_channels, size, size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles: h.remove()
+        for m, mode in modes: m.training = mode
+    if side(out) == 0: raise UserError("heat-map levels need a body that outputs a feature map (batch, channels, h, w)")
+    entries = []
+    for level in range(1, levels):
+        finer, coarser = side(out) << level, side(out) << (level - 1)
+        # The first to start (the outermost) of the modules that take the finer map and give the coarser one; the
+        # body itself takes the image, which is no feature map
+        entry = next((m for m, s in started if s == finer and ended.get(m) == coarser and m is not body), None)
+        if entry is None:
+            raise UserError(f"heat-map levels: {type(body).__name__} has no stage that halves a {finer}x{finer} map "
+                            f"(from a {size}x{size} input); use fewer levels")
+        entries.append(entry)
+    return entries
 
 
 # ---------------------------------------------------------------- where pretrained weights come from

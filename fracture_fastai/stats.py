@@ -328,17 +328,21 @@ def _heat_map_sources(runs: list):
     return [load_any(r) for r in runs], table, None
 
 
-def _ensemble_localisation(learns: list, table: pd.DataFrame, labels: pd.Series, positives, called, positive: str) -> dict:
+def _ensemble_localisation(runs: list, learns: list, table: pd.DataFrame, labels: pd.Series, positives, called,
+                           positive: str) -> dict:
     """The pointing game and mass inside of the ensemble's heat map (its members' Grad-CAMs averaged) against the
     fracture boxes, on all positives and on the true positives, as a run scores its own (`localisation[_tp]`)."""
     from .cam import score_localisation
+    from .model_io import read_heat_map
+    makes = [read_heat_map(r) for r in runs]  # each member's map made as its run made it, as its probabilities were
     items = table.reindex(labels.index).rename_axis("file").reset_index()
     items["polygons"] = [p if isinstance(p, (list, tuple, np.ndarray)) else [] for p in items.polygons]
     dl = learns[0].dls.test_dl(list(items.file))
     out = {}
     for key, rows, name in (("localisation", positives, "all positives"),
                             ("localisation_tp", positives & called, "true positives")):
-        scores = score_localisation(learns, dl, target=positive, rows=np.flatnonzero(rows), items=items)
+        scores = score_localisation(learns, dl, target=positive, rows=np.flatnonzero(rows), items=items,
+                                    levels=[m["levels"] for m in makes], flip=[m["flip"] for m in makes])
         if scores["n"]: out[key] = {**scores, "images": name, "maps": "the members' Grad-CAMs averaged"}
     return out
 
@@ -375,8 +379,8 @@ def ensemble_binary(
             out[split]["localisation_skipped"] = not_scored
         elif localisation:
             pos = classes.index(scores["positive"])
-            out[split].update(_ensemble_localisation(learns, table, labels, targets == pos, mean[:, pos] >= threshold,
-                                                     scores["positive"]))
+            out[split].update(_ensemble_localisation(runs, learns, table, labels, targets == pos,
+                                                     mean[:, pos] >= threshold, scores["positive"]))
         for run in runs:  # each member's own numbers beside the ensemble's
             member = _read_json(run / "metrics.json").get(split, {}).get("binary", {})
             out["members"].setdefault(str(run), {})[split] = {k: member.get(k) for k in ("auroc", "sensitivity", "specificity")}

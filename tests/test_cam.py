@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from fracture_fastai.cam import (_batch, _right_and_wrong, gradcam, gradcam_grid, localisation_scores, main, polygon_mask,
+from fracture_fastai.cam import (_batch, _eval_mode, _gradcam, _right_and_wrong, gradcam, gradcam_grid, localisation_scores, main, polygon_mask,
                                  polygon_to_input, score_localisation)
+from fracture_fastai.errors import UserError
 from fracture_fastai.evaluate import accuracy_ci
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,49 @@ def test_gradcam_target_by_name_or_index_and_bad_targets():
         gradcam(learn, x, target=[0, 1, 2])
 
 
+class TwoLevelBody(nn.Sequential):
+    "Brightness at full resolution (a 1x1 conv averaging the channels), then 2x2 average pooling: two levels of one map."
+    def __init__(self):
+        conv = nn.Conv2d(3, 1, 1, bias=False)
+        nn.init.constant_(conv.weight, 1 / 3)
+        super().__init__(conv, nn.AvgPool2d(2))
+
+
+def _two_level_learner():
+    "Class 0's logit is the mean brightness, class 1's its negative: Grad-CAM at either level is the brightness there."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    head = nn.Linear(1, 2, bias=False)
+    with torch.no_grad(): head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    model = nn.Sequential(TwoLevelBody(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head))
+    dl = DataLoader([(torch.zeros(3, 32, 32), 0)], bs=1)
+    return Learner(DataLoaders(dl, dl), model, loss_func=nn.CrossEntropyLoss())
+
+
+def _peak_scaled(maps): return maps / maps.flatten(1).amax(1)[:, None, None]
+
+
+def test_two_levels_average_the_coarse_and_the_fine_map():
+    learn = _two_level_learner()
+    x = torch.zeros(2, 3, 32, 32)
+    x[0, :, 9, 21] = 1.0  # one bright pixel: the fine map finds it exactly, the coarse one only its 2x2 cell
+    x[1, :, 4:8, 20:30] = 0.5
+    x[1, :, 25, 3] = 1.0
+    fine = x.mean(1)
+    coarse = nn.functional.interpolate(nn.functional.avg_pool2d(fine[:, None], 2), size=(32, 32), mode="bilinear",
+                                       align_corners=False)[:, 0]
+    assert torch.allclose(gradcam(learn, x, target=0), _peak_scaled(coarse), atol=1e-6)
+    cams = gradcam(learn, x, target=0, levels=2)
+    assert torch.allclose(cams, _peak_scaled((_peak_scaled(coarse) + _peak_scaled(fine)) / 2), atol=1e-6)
+    assert np.unravel_index(int(cams[0].argmax()), (32, 32)) == (9, 21)
+    assert torch.equal(gradcam(learn, x, target=1, levels=2), torch.zeros(2, 32, 32))  # no positive evidence
+    # The model is mirror-symmetric, so a mirror-averaged map is the image's own: each half mirrored back in place
+    assert torch.allclose(gradcam(learn, x, target=0, levels=2, flip=True), cams, atol=1e-6)
+    with pytest.raises(UserError, match="no stage that halves"):
+        gradcam(learn, x, levels=3)  # the image itself is no feature map
+
+
 def test_gradcam_of_a_blank_image_is_all_zeros_not_nan():
     cams = gradcam(_quadrant_learner(), torch.zeros(1, 3, 32, 32))
     assert torch.equal(cams, torch.zeros(1, 32, 32))
@@ -133,13 +177,16 @@ def test_gradcam_on_a_frozen_pretrained_body(demo_dls):
     for fully_frozen in (False, True):
         if fully_frozen: body.requires_grad_(False)  # nothing in the body needs grad: its output has no autograd history
         before = _model_state(learn.model)
-        cams = gradcam(learn, x)
-        assert cams.shape == (2, 64, 64) and torch.isfinite(cams).all()
-        assert cams.min() >= 0 and cams.max() <= 1 and all(c.max() > c.min() for c in cams)
-        assert _model_state(learn.model) == before
-        assert all(p.grad is None for p in learn.model.parameters())  # no gradient left behind
-        maps[fully_frozen] = cams
-    assert torch.allclose(maps[True], maps[False], atol=1e-5)  # the same maps either way
+        for levels in (1, 3):  # finer levels too: their stage inputs have no autograd history either
+            cams = gradcam(learn, x, levels=levels)
+            assert cams.shape == (2, 64, 64) and torch.isfinite(cams).all()
+            assert cams.min() >= 0 and cams.max() <= 1 and all(c.max() > c.min() for c in cams)
+            assert _model_state(learn.model) == before
+            assert all(p.grad is None for p in learn.model.parameters())  # no gradient left behind
+            maps[fully_frozen, levels] = cams
+    for levels in (1, 3):
+        assert torch.allclose(maps[True, levels], maps[False, levels], atol=1e-5)  # the same maps either way
+    assert not torch.allclose(maps[True, 1], maps[True, 3], atol=1e-2)
 
 
 def _archs():
@@ -152,9 +199,18 @@ def test_gradcam_runs_for_every_arch(arch, demo_dls):
     from fracture_fastai.models import create_learner
     learn = create_learner(arch, demo_dls, pretrained="none")
     before = _model_state(learn.model)
-    cams = gradcam(learn, demo_dls.valid.one_batch()[0][:1])
+    x = demo_dls.valid.one_batch()[0][:1]
+    cams = gradcam(learn, x)
     assert cams.shape == (1, 64, 64) and torch.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1
+    # Three levels, mirror-averaged: as valid, and the mirror of a mirror-averaged map is the mirror's own
+    cams = gradcam(learn, x, levels=3, flip=True)
+    assert torch.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1
+    assert torch.allclose(gradcam(learn, x.flip(-1), levels=3, flip=True), cams.flip(-1), atol=1e-5)
     assert _model_state(learn.model) == before
+    probs = _gradcam(learn, x, flip=True)[1]  # the probabilities are flip TTA's, as predict_probs gives them
+    with _eval_mode(learn.model), torch.no_grad():
+        expected = (learn.model(x).softmax(1) + learn.model(x.flip(-1)).softmax(1)) / 2
+    assert torch.allclose(probs, expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------- polygons through fastai's pad Resize

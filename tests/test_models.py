@@ -318,6 +318,37 @@ def _random_stats(model):
 
 
 @pytest.mark.parametrize("arch", list_archs())
+def test_feature_map_entries_take_the_finer_maps(arch):
+    "Each entry's input is the body's last map at 2x, 4x its output's side, at any input size; the probe leaves no trace."
+    body = models.build_model(arch, 2)[0]
+    bns = [m for m in body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    stats, mode = [bn.running_mean.clone() for bn in bns], [m.training for m in body.modules()]
+    entries = models.feature_map_entries(body, 3)
+    assert len(entries) == 2 and models.feature_map_entries(body, 1) == []
+    assert all(torch.equal(bn.running_mean, s) for bn, s in zip(bns, stats)) and [m.training for m in body.modules()] == mode
+    sides = []
+    handles = [m.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-2:])) for m in entries]
+    body.eval()
+    with torch.no_grad(): out = body(torch.zeros(1, 3, 96, 128))
+    for h in handles: h.remove()
+    h, w = out.shape[-2:]
+    assert sorted(sides) == [(2 * h, 2 * w), (4 * h, 4 * w)]  # (their order of running: 4x first)
+
+
+def test_feature_map_entries_are_where_stages_begin():
+    body = models.build_model("resnet18", 2)[0]  # conv1, bn1, relu, maxpool, layer1 .. layer4
+    assert models.feature_map_entries(body, 3) == [body[7], body[6]]  # layer4 takes layer3's output, layer3 layer2's
+    lite = models.build_model("tf_efficientnet_lite0", 2)[0]  # fastai's TimmBody around timm's EfficientNet
+    assert models.feature_map_entries(lite, 3) == [lite.model.blocks[5], lite.model.blocks[3]]  # stages from 1/16 to 1/32, 1/8 to 1/16
+    with pytest.raises(UserError, match="at least 1"):
+        models.feature_map_entries(body, 0)
+    conv_pool = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2))
+    assert models.feature_map_entries(conv_pool, 2) == [conv_pool[1]]  # the pool takes the conv's full-resolution map
+    with pytest.raises(UserError, match="no stage that halves"):
+        models.feature_map_entries(conv_pool, 3)  # a finer map would be the image itself
+
+
+@pytest.mark.parametrize("arch", list_archs())
 def test_fold_batchnorm_keeps_every_arch_s_outputs(arch, dls):
     "Every registered arch: the folded copy gives the same outputs on other inputs, and the original is untouched."
     from fracture_fastai.models import fold_batchnorm

@@ -25,7 +25,8 @@ def binary_run(tmp_path_factory, fracatlas_maker):
     data = fracatlas_maker(tmp_path_factory.mktemp("fracatlas") / "fa", n_fractured=12, n_normal=24)
     out = tmp_path_factory.mktemp("runs") / "cnn-fracatlas"
     res = _cli("fracture_fastai.run", "--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "1",
-               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--tta", "flip", "--out", str(out))
+               "--lr", "1e-3", "--bs", "8", "--operating-point", "sens=0.90", "--tta", "flip", "--cam-levels", "2",
+               "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return data, out, res
 
@@ -44,12 +45,14 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
     # Grad-CAM of 'fractured' on the fractured images: all of them, and the true positives among them
     loc = metrics["valid"]["localisation"]
     assert loc["target"] == "fractured" and loc["images"] == "all positives" and loc["n"] == 2
+    assert loc["levels"] == 2 and loc["flip"] is True  # --cam-levels 2, and mirror-averaged as --tta flip scores
     assert metrics["valid"].get("localisation_tp", {"n": 0})["n"] == valid["tp"]
     assert "AUROC" in res.stdout
     decision = json.loads((out / "model.json").read_text())["decision"]
     assert decision == {"positive": "fractured", "threshold": valid["threshold"], "operating_point": "sens=0.90",
                         "chosen_on": "valid"}
     assert json.loads((out / "model.json").read_text())["tta"] == "flip"  # what the threshold was chosen with
+    assert json.loads((out / "model.json").read_text())["heat_map"] == {"levels": 2, "flip": True}  # what was scored
     report = (out / "report.html").read_text()
     assert "AUROC" in report and "roc.png" in report and "calibration.png" in report
     verdict = report[report.index("<h2>Verdict</h2>"):report.index("<h2>Metrics</h2>")]
@@ -187,7 +190,8 @@ def test_split_seed_keeps_the_images_while_the_seed_changes(binary_run, tmp_path
 
 
 def test_an_ensemble_of_one_model_twice_points_where_the_model_does(binary_run):
-    "The ensemble's heat map is its members' maps averaged: two copies of one model score exactly as that model did."
+    """The ensemble's heat map is its members' maps averaged: two copies of one model score exactly as that model did,
+    its maps made as the model's run made them (model.json: two levels, mirror-averaged)."""
     from fracture_fastai.stats import ensemble_binary
     _, out, _ = binary_run
     ens = ensemble_binary([out, out], localisation=True)
@@ -198,7 +202,24 @@ def test_an_ensemble_of_one_model_twice_points_where_the_model_does(binary_run):
         assert averaged["n"] == own["n"] > 0
         assert averaged["pointing_game"] == pytest.approx(own["pointing_game"])
         assert averaged["mass_inside"] == pytest.approx(own["mass_inside"], abs=1e-4)
+        assert (averaged["levels"], averaged["flip"]) == ([2, 2], [True, True])
 
+
+def test_each_member_of_an_ensemble_makes_its_map_as_its_run_did(binary_run, tmp_path):
+    "Members whose runs made their maps otherwise (model.json's heat_map) each contribute their own kind of map."
+    import shutil
+    from fracture_fastai.stats import ensemble_binary
+    _, out, _ = binary_run
+    one = shutil.copytree(out, tmp_path / "one-level")  # the same weights, its maps said to be of one level, unmirrored
+    meta = json.loads((one / "model.json").read_text())
+    (one / "model.json").write_text(json.dumps({**meta, "heat_map": {"levels": 1, "flip": False}}))
+    own = json.loads((out / "metrics.json").read_text())["valid"]["localisation"]  # two levels, mirror-averaged
+    alike = ensemble_binary([one, one], localisation=True)["valid"]["localisation"]
+    mixed = ensemble_binary([out, one], localisation=True)["valid"]["localisation"]
+    assert (alike["levels"], alike["flip"]) == ([1, 1], [False, False])
+    assert (mixed["levels"], mixed["flip"]) == ([2, 1], [True, False]) and mixed["n"] == alike["n"] == own["n"] > 0
+    # Three kinds of map of one model: its own, the one-level map, and their average
+    assert len({round(own["mass_inside"], 6), round(alike["mass_inside"], 6), round(mixed["mass_inside"], 6)}) == 3
 
 def test_split_seed_also_draws_the_sample(binary_run, tmp_path):
     "--sample is drawn with the split's seed, so a smaller run under another training seed still sees the same images."
