@@ -360,7 +360,9 @@ def test_cli_user_errors_are_one_line(cam_export, tmp_path, capsys):
     export, images = cam_export
     for argv, message in [([str(tmp_path / "missing.pkl"), str(images)], "no such file"),
                           ([str(export), str(images), "--target", "kneecap"], "unknown class 'kneecap'"),
-                          ([str(export), str(tmp_path / "nothing")], "no images found")]:
+                          ([str(export), str(tmp_path / "nothing")], "no images found"),
+                          ([str(export), str(images), "--levels", "0"], "--levels must be at least 1"),
+                          ([str(export), str(images), "--levels", "9"], "no stage that halves")]:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()

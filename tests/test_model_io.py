@@ -68,3 +68,16 @@ def test_bad_model_files_are_user_errors(tmp_path, demo_export):
     (tmp_path / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a safetensors file"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("saved,read", [(None, {"levels": 1, "flip": False}),  # older models: the body's output alone
+                                        ({"levels": 2, "flip": True}, {"levels": 2, "flip": True}),
+                                        ({"levels": 0, "flip": "yes"}, {"levels": 1, "flip": False}),
+                                        ({"levels": True}, {"levels": 1, "flip": False}),
+                                        ("two", {"levels": 1, "flip": False})])
+def test_read_heat_map_says_how_the_run_made_its_maps(saved, read, tmp_path):
+    from fracture_fastai.model_io import read_heat_map
+    meta = {"format": "fracture_fastai-model/1", **({"heat_map": saved} if saved is not None else {})}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    assert read_heat_map(tmp_path) == read_heat_map(tmp_path / "model.json") == read_heat_map(tmp_path / "export.pkl") == read
+    assert read_heat_map(tmp_path / "bare" / "export.pkl") == {"levels": 1, "flip": False}  # no model.json beside it
