@@ -183,10 +183,10 @@ for name in ("roc.png", "pr.png", "calibration.png"):
         ("code", '''import matplotlib.pyplot as plt
 from fracture_fastai import load_model
 from fracture_fastai.cam import decode_images, gradcam
-from fracture_fastai.model_io import read_decision
+from fracture_fastai.model_io import read_decision, read_heat_map
 from fracture_fastai.predict import predict_files
 
-learn, decision = load_model(run_dir), read_decision(run_dir)
+learn, decision, heat_map = load_model(run_dir), read_decision(run_dir), read_heat_map(run_dir)  # as the run made its maps
 valid = table.df[table.df.split == "valid"]
 valid = valid.groupby("label").head(32) if SMOKE else valid
 preds, _ = predict_files(learn, valid.file.tolist(), decision=decision)
@@ -197,7 +197,7 @@ picks = pd.concat([called[called.label == decision["positive"]].nlargest(4, "pro
 if len(picks):
     dl = learn.dls.test_dl(picks.file.tolist())
     x = dl.one_batch()[0]
-    cams, images = gradcam(learn, x, target=decision["positive"]), decode_images(dl, x)
+    cams, images = gradcam(learn, x, target=decision["positive"], **heat_map), decode_images(dl, x)
     fig, axs = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 3), squeeze=False)
     for ax, image, cam, row in zip(axs[0], images, cams, picks.itertuples()):
         ax.imshow(image, cmap="gray"); ax.imshow(cam, cmap="jet", alpha=0.45); ax.axis("off")
