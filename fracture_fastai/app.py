@@ -49,7 +49,7 @@ def analyse(
     decision: dict | None = None,  # a binary model's {'positive', 'threshold'}
     out_dir=None,  # where the overlay PNG goes; default: a temporary folder
     tta: str = "none",  # the probabilities' test-time augmentation: the model's own (`model_io.read_tta`), as predict's
-    levels: int = 1,  # the heat map's feature-map levels: the model's own (`model_io.read_heat_map`)
+    heat_map: dict | None = None,  # how the map is made, `{'levels', 'flip'}`: the model's own (`model_io.read_heat_map`)
 ) -> tuple:
     "`(message, {class: probability}, overlay PNG path)` of one upload; a bad upload gives only the message, never a traceback."
     from .cam import explain_file, overlay
@@ -58,9 +58,9 @@ def analyse(
     try:
         problem = image_problem(path)  # a full decode, DICOM included, before the model sees it
         if problem: return f"**Cannot use this file** ({problem}). {_NOT_AN_IMAGE}", None, None
-        # The probabilities its threshold was chosen with, and a flip's heat map mirror-averaged as its run scored it;
-        # fastai's tta, its own passes through predict_probs (the map then stays the image's own).
-        probs, cam, image = explain_file(learn, path, tta="flip" if tta == "flip" else "none", levels=levels)
+        # The probabilities its threshold was chosen with and the heat map its run scored; fastai's tta, its own
+        # passes through predict_probs.
+        probs, cam, image = explain_file(learn, path, tta="flip" if tta == "flip" else "none", **(heat_map or {}))
         if tta not in ("none", "flip"):
             from .evaluate import predict_probs
             probs = predict_probs(learn, learn.dls.test_dl([str(path)]), tta)[0][0].numpy()
@@ -89,12 +89,11 @@ def build_app(
     import gradio as gr
     from .model_io import load_any, read_decision, read_heat_map, read_tta
     learn = load_any(run_dir)
-    levels = read_heat_map(run_dir)["levels"]
-    decision, tta, about = read_decision(run_dir), read_tta(run_dir), provenance(run_dir)
+    decision, tta, heat_map, about = read_decision(run_dir), read_tta(run_dir), read_heat_map(run_dir), provenance(run_dir)
     classes = [str(c) for c in learn.dls.vocab]
 
     def _on_upload(path):
-        return analyse(learn, path, decision, out_dir, tta, levels)
+        return analyse(learn, path, decision, out_dir, tta, heat_map)
 
     with gr.Blocks(title="fracture_fastai") as page:
         gr.Markdown("## fracture_fastai: try the model on one radiograph\nResearch software, not a medical device.")

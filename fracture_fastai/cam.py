@@ -169,15 +169,20 @@ def explain_file(
     learn,  # a Learner from `model_io.load_any`
     file,  # one radiograph: JPEG, PNG, DICOM, ...
     target=None,  # None: the predicted class; else a class name or index
-    tta: str = "none",  # 'flip': the probabilities and the map are the means of the image's and its mirror's
+    tta: str = "none",  # 'flip': the probabilities are the mean of the image's and its mirror's
     levels: int = 1,  # the heat map's feature-map levels (`gradcam`); the model's own: `model_io.read_heat_map`
+    flip: bool | None = None,  # the map averaged with its mirror's; None: as `tta` (the model's own: `read_heat_map`)
 ) -> tuple:
     "`(probs, cam, image)` of one radiograph file: class probabilities (numpy), its Grad-CAM map and the model's input image."
     if tta not in ("none", "flip"): raise UserError(f"explain_file's tta must be 'none' or 'flip'; got {tta!r}")
+    flip = tta == "flip" if flip is None else flip
     dl = _set_split(learn.dls.test_dl([str(file)], bs=1))
     x = _after_batch(dl, dl.do_batch([dl.do_item(0)]))[0]
     target = None if target is None else _class_index(learn, target, learn.dls.c)
-    cams, probs, _ = _gradcam(learn, x, target, levels, flip=tta == "flip")
+    cams, probs, _ = _gradcam(learn, x, target, levels, flip)
+    if flip != (tta == "flip"):  # a model whose run scored its maps otherwise (older ones): the probabilities its own
+        from .evaluate import predict_probs
+        probs = predict_probs(learn, dl, tta)[0]
     return probs[0].numpy(), cams[0].numpy(), decode_images(dl, x)[0]
 
 

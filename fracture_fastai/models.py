@@ -170,6 +170,19 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
+def _blank_pass(model: nn.Module, first_conv: nn.Conv2d, size: int, handles: list):
+    "`model`'s output for one blank `size` x `size` image, in eval mode; the hooks `handles` then removed, every mode restored."
+    modes = [(m, m.training) for m in model.modules()]  # fastai's models can mix modes: each is put back as it was
+    param = next(model.parameters())
+    try:
+        model.eval()  # a blank batch must not move the batch norms' running statistics
+        with torch.no_grad():
+            return model(torch.zeros(1, first_conv.in_channels, size, size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles: h.remove()
+        for m, mode in modes: m.training = mode
+
+
 def early_layers(model: nn.Module,  # a model taking images (fastai's body + head, or any CNN)
                  stride: int,  # the coarsest stride kept: layers whose output is 1/`stride` of the input's side or finer
                  size: int = 64,  # side of the blank input used to find out
@@ -185,16 +198,7 @@ def early_layers(model: nn.Module,  # a model taking images (fastai's body + hea
         ran.append((m, side))
 
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    handles = [m.register_forward_hook(hook) for m in owners]
-    modes = [(m, m.training) for m in model.modules()]  # fastai's models can mix modes: each is put back as it was
-    param = next(model.parameters())
-    try:
-        model.eval()  # a blank batch must not move the batch norms' running statistics
-        with torch.no_grad():
-            model(torch.zeros(1, first_conv.in_channels, size, size, device=param.device, dtype=param.dtype))
-    finally:
-        for h in handles: h.remove()
-        for m, mode in modes: m.training = mode
+    _blank_pass(model, first_conv, size, [m.register_forward_hook(hook) for m in owners])
     layers = []
     for m, side in ran:
         if not side or size / side > stride: break
@@ -219,16 +223,8 @@ def feature_map_entries(body: nn.Module,  # a CNN body: images in, a feature map
         if m not in ended: started.append((m, side(args[0]) if args else 0))
     def post(m, args, out): ended.setdefault(m, side(out))
 
-    handles = [h for m in body.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    modes = [(m, m.training) for m in body.modules()]
-    param = next(body.parameters())
-    try:
-        body.eval()  # a blank batch must not move the batch norms' running statistics
-        with torch.no_grad():
-            out = body(torch.zeros(1, first_conv.in_channels, size, size, device=param.device, dtype=param.dtype))
-    finally:
-        for h in handles: h.remove()
-        for m, mode in modes: m.training = mode
+    out = _blank_pass(body, first_conv, size, [h for m in body.modules()
+                                               for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))])
     if side(out) == 0: raise UserError("heat-map levels need a body that outputs a feature map (batch, channels, h, w)")
     entries = []
     for level in range(1, levels):

@@ -39,6 +39,19 @@ def test_analyse_gives_probabilities_and_overlay_or_a_message(tiny_run, tmp_path
     assert probs == pytest.approx({c: float(flipped[c]) for c in ("a", "b")}, abs=1e-5)
     assert len(passes) == 2  # the Grad-CAM's pass is the plain one; only the mirror is added
     assert abs(probs["a"] - float(predict_files(learn, files[:1])[0].iloc[0]["a"])) > 1e-6  # not the plain pass
+    # The map follows the run's heat map, the probabilities its TTA, where the two differ (a model made before
+    # flip-TTA runs mirror-averaged their maps)
+    from fracture_fastai.cam import explain_file
+    plain = predict_files(learn, files[:1])[0].iloc[0]
+    p_plain, map_plain, _ = explain_file(learn, files[0])
+    p_flip, map_flip, _ = explain_file(learn, files[0], tta="flip")
+    assert np.abs(map_plain - map_flip).max() > 1e-3  # a mirror-averaged map is another map
+    p, m, _ = explain_file(learn, files[0], tta="flip", flip=False)
+    assert np.allclose(m, map_plain, atol=1e-6) and p == pytest.approx([flipped["a"], flipped["b"]], abs=1e-5)
+    p, m, _ = explain_file(learn, files[0], tta="none", flip=True)
+    assert np.allclose(m, map_flip, atol=1e-6) and p == pytest.approx([plain["a"], plain["b"]], abs=1e-5)
+    _, _, png = analyse(learn, files[0], out_dir=tmp_path, tta="flip", heat_map={"levels": 2, "flip": False})
+    assert Path(png).is_file()
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     message, probs, png = analyse(learn, bad, out_dir=tmp_path)
