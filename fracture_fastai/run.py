@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SGDR: keep the weights at each cycle's end (snapshots/ in the run folder) and score them as "
                         "one ensemble (metrics.json: snapshot_ensemble; predict --ensemble takes them)")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
-    g.add_argument("--monitor", choices=["valid_loss", "accuracy"], default="valid_loss", help="what picks the best epoch")
+    g.add_argument("--monitor", choices=["valid_loss", "accuracy", "auroc"], default="valid_loss",
+                   help="what picks the best epoch (and drives --patience); auroc: two classes only, the validation "
+                        "AUROC each epoch records")
     g.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
     g.add_argument("--cam-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a loss that moves each training image's Grad-CAM peak onto its annotated "
@@ -490,6 +492,12 @@ def run(
         args.positive = positive_class(dls.vocab, args.positive)
     elif args.positive is not None:
         raise UserError(f"--positive is for two classes; this data has {len(dls.vocab)}: {', '.join(map(str, dls.vocab))}")
+    if args.monitor == "auroc":
+        valid_labels = table.df.label[table.df.split == "valid"]
+        if len(dls.vocab) != 2 or valid_labels.nunique() < 2:
+            raise UserError(f"--monitor auroc needs two classes, both in the validation split (this data: "
+                            f"{', '.join(f'{k} {v}' for k, v in valid_labels.value_counts().items())}); "
+                            "use --monitor valid_loss")
     train = dls.train
     data = {"path": str(args.data) if args.data else "demo", "synthetic_demo": demo, "source": table.source,
             **table.summary(), "notes": table.notes, "classes": list(dls.vocab), "images_per_epoch": train.n,

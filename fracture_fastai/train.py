@@ -14,7 +14,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, combine_scheds
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-from fastai.metrics import F1Score, accuracy
+from fastai.metrics import AccumMetric, ActivationType, F1Score, accuracy
 from fastai.optimizer import Adam
 from fastai.learner import noop  # fastai's own noop (not fastcore's), the one no_logging installs
 from fastcore.foundation import L
@@ -27,13 +27,13 @@ from .models import create_learner, early_layers
 
 __all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_precision", "precision_of", "CPUBFloat16",
            "progressive_sizes", "ProgressiveResize", "PlainInputs",
-           "radiograph_learner", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "sgdr_cycles", "fit_warm_restarts",
+           "radiograph_learner", "auroc_metric", "HistoryCallback", "PlainProgressCallback", "suggest_lr", "sgdr_cycles", "fit_warm_restarts",
            "Snapshots", "FreezeEarly", "train",
            "Checkpoint", "load_checkpoint",
            "export_learner"]
 
 SCHEDULES = ("one_cycle", "sgdr")
-MONITORS = ("valid_loss", "accuracy")
+MONITORS = ("valid_loss", "accuracy", "auroc")  # auroc: two classes only
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # fastai's `fine_tune` default. Measured on the YOLO export (lite0, 10 short epochs): lr_find's valley at the small
 # first size (6.9e-4) reached 0.740 validation accuracy, 2e-3 reached 0.780; and skipping lr_find saves ~30 s.
@@ -93,6 +93,20 @@ class CPUBFloat16(Callback):
     def after_fit(self): self._exit()
 
 
+def _roc_auc(targets, scores) -> float:
+    "sklearn's AUROC, or NaN where the targets hold one class only (a tiny validation split) instead of an error."
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(targets, scores)) if len(np.unique(targets)) == 2 else float("nan")
+
+
+def auroc_metric() -> AccumMetric:
+    """The validation AUROC of a two-class model, as a fastai metric named `auroc`. It scores the second class's softmax
+    probability; for two classes that is the AUROC of either class as the positive one (it is symmetric)."""
+    return AccumMetric(_roc_auc, dim_argmax=-1, activation=ActivationType.BinarySoftmax, to_np=True, invert_arg=True,
+                       flatten=False, name="auroc")  # dim_argmax: the softmax's dimension (fastai's RocAucBinary's)
+
+
 @delegates(create_learner, but=["loss_func", "opt_func", "metrics"])
 def radiograph_learner(
     arch: str,  # a name from `list_archs()`
@@ -104,7 +118,8 @@ def radiograph_learner(
     channels_last: bool = True,  # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
     **kwargs,
 ):
-    "A Learner for `arch` with AdamW, accuracy and macro-F1, mixed precision, a class-weighted loss when `balance='weights'`."
+    """A Learner for `arch` with AdamW, accuracy and macro-F1 (and AUROC for two classes), mixed precision, a class-weighted
+    loss when `balance='weights'`."""
     from .data import BALANCE
     if balance not in BALANCE:
         raise UserError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
@@ -116,7 +131,8 @@ def radiograph_learner(
             else CrossEntropyLossFlat(weight=weights))
     # fastai's Adam decouples weight decay by default: this is AdamW.
     learn = create_learner(arch, dls, loss_func=loss, opt_func=Adam, wd=wd,
-                           metrics=[accuracy, F1Score(average="macro")], **kwargs)
+                           metrics=[accuracy, F1Score(average="macro")] + ([auroc_metric()] if dls.c == 2 else []),
+                           **kwargs)
     learn.add_cb(PlainInputs())
     precision = resolve_precision(precision, dls.device)
     if precision == "fp16": learn.to_fp16()
@@ -425,7 +441,7 @@ def train(
     cycle_len: int = 2,  # SGDR: epochs of the first cycle
     cycle_mult: int = 1,  # SGDR: growth of each later cycle
     patience: int = 10,  # early stopping after this many epochs without improvement; 0 = off
-    monitor: str = "valid_loss",  # what picks the best epoch and drives early stopping: 'valid_loss' or 'accuracy'
+    monitor: str = "valid_loss",  # what picks the best epoch and drives early stopping: 'valid_loss', 'accuracy' or 'auroc'
     out_dir=None,  # where lr_find.png, history.csv and the best weights go
     lr_find_iters: int = 50,  # iterations of the lr_find sweep
     min_size: int | None = None,  # progressive resizing: first epochs at this side, ramping up to the DataLoaders' size
@@ -437,6 +453,9 @@ def train(
         raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if monitor not in MONITORS:
         raise UserError(f"monitor must be one of {', '.join(MONITORS)}; got {monitor!r}")
+    if monitor not in ("valid_loss", *(m.name for m in learn.metrics)):
+        raise UserError(f"monitor {monitor!r} is not among this learner's metrics "
+                        f"({', '.join(m.name for m in learn.metrics)}); auroc is for two classes")
     if epochs < 1:
         raise UserError(f"epochs must be at least 1, got {epochs}")
     if snapshots and schedule != "sgdr":

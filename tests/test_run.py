@@ -105,7 +105,8 @@ def test_demo_run_is_synthetic_and_says_so(tmp_path):
                                           (["--num-workers", "-1"], "--num-workers must be 0 or more"),
                                           (["--freeze-stride", "3"], "--freeze-stride must be 0 (off) or a power of two"),
                                           (["--cam-levels", "0"], "--cam-levels must be 1 to 4, got 0"),
-                                          (["--arch", "cnn", "--freeze-stride", "4"], "keeps ImageNet weights")])
+                                          (["--arch", "cnn", "--freeze-stride", "4"], "keeps ImageNet weights"),
+                                          (["--arch", "cnn", "--monitor", "auroc"], "--monitor auroc needs two classes")])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, cli_exit):
     from fracture_fastai.run import main
     code, err = cli_exit(main, [*args, "--out", str(tmp_path / "never")])

@@ -48,6 +48,7 @@ def test_binary_run_writes_the_binary_metrics_and_plots(binary_run):
     assert loc["levels"] == 2 and loc["flip"] is True  # --cam-levels 2, and mirror-averaged as --tta flip scores
     assert metrics["valid"].get("localisation_tp", {"n": 0})["n"] == valid["tp"]
     assert "AUROC" in res.stdout
+    assert pd.read_csv(out / "history.csv").auroc.between(0, 1).all()  # two classes: the validation AUROC each epoch
     decision = json.loads((out / "model.json").read_text())["decision"]
     assert decision == {"positive": "fractured", "threshold": valid["threshold"], "operating_point": "sens=0.90",
                         "chosen_on": "valid"}
@@ -100,6 +101,15 @@ def test_bad_positive_and_operating_point_fail_early(binary_run, tmp_path, capsy
                   "--out", str(tmp_path / "r"), "--no-cache"])
         assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {says}")
         assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+def test_monitor_auroc_needs_both_classes_in_validation(tmp_path, fracatlas_maker, cli_exit):
+    from fracture_fastai.run import main
+    data = fracatlas_maker(tmp_path / "fa", n_fractured=1, n_normal=12)  # the one fractured image: in train
+    code, err = cli_exit(main, ["--arch", "cnn", "--data", str(data), "--size", "32", "--monitor", "auroc",
+                                "--out", str(tmp_path / "never"), "--no-cache"])
+    assert code == 2 and "--monitor auroc needs two classes, both in the validation split" in err
+    assert "normal 2" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
 
 def test_leaderboard_shows_auroc_and_sensitivity(binary_run):
     from fracture_fastai.compare import leaderboard, to_markdown

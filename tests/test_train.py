@@ -6,8 +6,9 @@ import torch
 from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
 from fracture_fastai.models import build_model, early_layers
-from fracture_fastai.train import (CPUBFloat16, FreezeEarly, ProgressiveResize, export_learner, fit_warm_restarts,
-                                   precision_of, progressive_sizes, radiograph_learner, resolve_precision, train)
+from fracture_fastai.train import (CPUBFloat16, FreezeEarly, ProgressiveResize, auroc_metric, export_learner,
+                                   fit_warm_restarts, precision_of, progressive_sizes, radiograph_learner,
+                                   resolve_precision, train)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,6 +34,39 @@ def test_learner_has_adamw_metrics_and_weighted_loss(demo_export):
         radiograph_learner("cnn", dls, label_smoothing=1.5)
     with pytest.raises(UserError, match="balance must be one of"):
         radiograph_learner("cnn", dls, balance="wieghts")
+
+
+def test_auroc_metric_is_sklearns_for_either_class_and_nan_for_one():
+    from types import SimpleNamespace
+    from fastai.torch_core import to_detach
+    from sklearn.metrics import roc_auc_score
+    torch.manual_seed(0)
+    logits, targets = torch.randn(40, 2), torch.randint(0, 2, (40,))
+    metric = auroc_metric()
+    metric.reset()
+    for batch in (slice(0, 25), slice(25, 40)):  # accumulated over batches, as fastai's validation feeds it
+        metric.accumulate(SimpleNamespace(pred=logits[batch], y=targets[batch], to_detach=to_detach))
+    probs = logits.softmax(1)
+    assert metric.name == "auroc"
+    assert metric.value == pytest.approx(roc_auc_score(targets == 1, probs[:, 1]))
+    assert metric.value == pytest.approx(roc_auc_score(targets == 0, probs[:, 0]))  # the same with class 0 positive
+    metric.reset()
+    metric.accumulate(SimpleNamespace(pred=logits[:5], y=torch.zeros(5, dtype=torch.long), to_detach=to_detach))
+    assert metric.value != metric.value  # NaN: one class cannot be ranked; an error would end the training
+
+
+def test_two_class_learners_record_auroc_and_can_keep_its_best_epoch(demo_export, tmp_path):
+    table = load_table(demo_export)
+    table.df = table.df[table.df.label.isin(["elbow", "wrist"])].reset_index(drop=True)
+    dls = radiograph_dataloaders(table, size=32, bs=8, device="cpu")
+    learn = radiograph_learner("cnn", dls)
+    assert [m.name for m in learn.metrics] == ["accuracy", "f1_score", "auroc"]
+    summary = train(learn, epochs=3, lr=3e-3, monitor="auroc", patience=0, out_dir=tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history.auroc.between(0, 1).all()
+    assert summary["best_epoch"] == int(history.auroc.idxmax()) and summary["best"] == {"auroc": history.auroc.max()}
+    # the kept weights are that epoch's: validating them again gives its AUROC
+    assert learn.validate()[3] == pytest.approx(history.auroc.max(), abs=1e-6)
 
 
 def test_warm_restarts_restart_the_learning_rate(demo_dls):
@@ -132,7 +166,8 @@ def test_early_stopping(demo_dls, tmp_path):
 def test_bad_options_are_user_errors(demo_dls, tmp_path):
     learn = radiograph_learner("cnn", demo_dls)
     for kwargs, msg in [(dict(schedule="cosine"), "schedule must be one of"), (dict(monitor="f1"), "monitor must be"),
-                        (dict(epochs=0), "epochs must be")]:
+                        (dict(epochs=0), "epochs must be"),
+                        (dict(monitor="auroc"), "auroc is for two classes")]:  # six classes: no auroc metric
         with pytest.raises(UserError, match=msg):
             train(learn, out_dir=tmp_path, **kwargs)
 
