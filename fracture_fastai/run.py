@@ -87,9 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SGDR: keep the weights at each cycle's end (snapshots/ in the run folder) and score them as "
                         "one ensemble (metrics.json: snapshot_ensemble; predict --ensemble takes them)")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
-    g.add_argument("--monitor", choices=["valid_loss", "accuracy", "auroc"], default="valid_loss",
+    g.add_argument("--monitor", choices=["valid_loss", "accuracy", "auroc", "none"], default="valid_loss",
                    help="what picks the best epoch (and drives --patience); auroc: two classes only, the validation "
-                        "AUROC each epoch records")
+                        "AUROC each epoch records; none: keep the last epoch, as fastai's fit_one_cycle does (no early "
+                        "stopping)")
     g.add_argument("--wd", type=float, default=1e-2, help="AdamW weight decay")
     g.add_argument("--cam-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT x a loss that moves each training image's Grad-CAM peak onto its annotated "

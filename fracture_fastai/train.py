@@ -33,7 +33,7 @@ __all__ = ["SCHEDULES", "MONITORS", "PRECISIONS", "FINE_TUNE_LR", "resolve_preci
            "export_learner"]
 
 SCHEDULES = ("one_cycle", "sgdr")
-MONITORS = ("valid_loss", "accuracy", "auroc")  # auroc: two classes only
+MONITORS = ("valid_loss", "accuracy", "auroc", "none")  # auroc: two classes only; none: the last epoch is kept
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # fastai's `fine_tune` default. Measured on the YOLO export (lite0, 10 short epochs): lr_find's valley at the small
 # first size (6.9e-4) reached 0.740 validation accuracy, 2e-3 reached 0.780; and skipping lr_find saves ~30 s.
@@ -422,6 +422,7 @@ def _callbacks(monitor: str, patience: int, history: HistoryCallback, from_epoch
     # fastai picks the direction from the name: lower is better for a loss, higher for accuracy.
     # With progressive resizing an epoch validates at its own size, so only full-size epochs compete: the kept
     # model must score what the export (full size) will score.
+    if monitor == "none": return [history]  # the last epoch is kept (saved as "best" after the fit), as fit_one_cycle leaves it
     trackers = trackers or {}
     cbs = [history, _SaveBest(monitor=monitor, fname="best", with_opt=False, from_epoch=from_epoch,
                               state=trackers.get("_SaveBest"))]
@@ -441,7 +442,7 @@ def train(
     cycle_len: int = 2,  # SGDR: epochs of the first cycle
     cycle_mult: int = 1,  # SGDR: growth of each later cycle
     patience: int = 10,  # early stopping after this many epochs without improvement; 0 = off
-    monitor: str = "valid_loss",  # what picks the best epoch and drives early stopping: 'valid_loss', 'accuracy' or 'auroc'
+    monitor: str = "valid_loss",  # what picks the best epoch and drives early stopping: 'valid_loss', 'accuracy', 'auroc'; 'none': the last epoch, no early stopping
     out_dir=None,  # where lr_find.png, history.csv and the best weights go
     lr_find_iters: int = 50,  # iterations of the lr_find sweep
     min_size: int | None = None,  # progressive resizing: first epochs at this side, ramping up to the DataLoaders' size
@@ -453,7 +454,7 @@ def train(
         raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if monitor not in MONITORS:
         raise UserError(f"monitor must be one of {', '.join(MONITORS)}; got {monitor!r}")
-    if monitor not in ("valid_loss", *(m.name for m in learn.metrics)):
+    if monitor not in ("valid_loss", "none", *(m.name for m in learn.metrics)):
         raise UserError(f"monitor {monitor!r} is not among this learner's metrics "
                         f"({', '.join(m.name for m in learn.metrics)}); auroc is for two classes")
     if epochs < 1:
@@ -518,13 +519,18 @@ def train(
         else:
             fit_warm_restarts(learn, epochs, lrs, cycle_len=cycle_len, cycle_mult=cycle_mult, cbs=cbs,
                               start_epoch=done["main"])
-    else:  # stopped after its last epoch: what SaveModelCallback loads at the end of a fit
-        learn.load("best", with_opt=False)
+        if monitor == "none": learn.save("best", with_opt=False)  # what a best epoch's users (snapshots, a resume) load
+    elif monitor != "none":  # stopped after its last epoch: what SaveModelCallback loads at the end of a fit
+        learn.load("best", with_opt=False)  # (with no monitor the checkpoint's last epoch, restored above, is kept)
     main_rows = [r for r in history.rows if r["phase"] != "frozen"]
-    sign = 1 if monitor == "valid_loss" else -1
-    best = min(main_rows[from_epoch:], key=lambda r: sign * r[monitor])  # the epoch SaveModelCallback reloaded
+    if monitor == "none":
+        best, kept = main_rows[-1], {"kept": "last", "valid_loss": main_rows[-1]["valid_loss"]}  # whatever it scored
+    else:
+        sign = 1 if monitor == "valid_loss" else -1
+        best = min(main_rows[from_epoch:], key=lambda r: sign * r[monitor])  # the epoch SaveModelCallback reloaded
+        kept = {monitor: best[monitor]}
     return {"lr": base_lr, "lr_find_suggestion": lr_found, "epochs_run": len(history.rows), "best_epoch": best["epoch"],
-            "best": {monitor: best[monitor]}, "early_stopped": len(main_rows) < epochs,
+            "best": kept, "early_stopped": len(main_rows) < epochs,
             "train_seconds": round(time.time() - start, 1), "lr_find_seconds": round(lr_find_seconds, 1),
             "sizes": sizes, "snapshots": snapshot_cb.saved(out_dir / learn.model_dir) if snapshot_cb else [],
             "resumed_from": ({"phase": state["phase"], "epochs_done": state["epochs_done"]} if state else None)}

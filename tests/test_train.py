@@ -7,7 +7,7 @@ from fracture_fastai.data import load_table, radiograph_dataloaders
 from fracture_fastai.errors import UserError
 from fracture_fastai.models import build_model, early_layers
 from fracture_fastai.train import (CPUBFloat16, FreezeEarly, ProgressiveResize, auroc_metric, export_learner,
-                                   fit_warm_restarts, precision_of, progressive_sizes, radiograph_learner,
+                                   fit_warm_restarts, load_checkpoint, precision_of, progressive_sizes, radiograph_learner,
                                    resolve_precision, train)
 
 
@@ -67,6 +67,23 @@ def test_two_class_learners_record_auroc_and_can_keep_its_best_epoch(demo_export
     assert summary["best_epoch"] == int(history.auroc.idxmax()) and summary["best"] == {"auroc": history.auroc.max()}
     # the kept weights are that epoch's: validating them again gives its AUROC
     assert learn.validate()[3] == pytest.approx(history.auroc.max(), abs=1e-6)
+
+
+def test_monitor_none_keeps_the_last_epoch(demo_dls, tmp_path):
+    learn = radiograph_learner("cnn", demo_dls)
+    # a rate this high makes the validation loss jump about: the best epoch is rarely the last
+    summary = train(learn, epochs=3, lr=0.05, monitor="none", patience=1, out_dir=tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert len(history) == 3 and summary["best_epoch"] == 2 and not summary["early_stopped"]  # patience: no monitor
+    assert summary["best"] == {"kept": "last", "valid_loss": history.valid_loss.iloc[-1]}
+    assert learn.validate()[0] == pytest.approx(history.valid_loss.iloc[-1], rel=1e-5)  # the last epoch's weights
+    saved = torch.load(tmp_path / "models" / "best.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in learn.model.state_dict().items())  # and what "best" loads
+    # resumed after its last epoch (killed before the evaluation), the run keeps that epoch: the checkpoint's weights
+    (tmp_path / "models" / "best.pth").unlink()
+    again = radiograph_learner("cnn", demo_dls)
+    train(again, epochs=3, lr=0.05, monitor="none", out_dir=tmp_path, resume=load_checkpoint(tmp_path))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in learn.model.state_dict().items())
 
 
 def test_warm_restarts_restart_the_learning_rate(demo_dls):
