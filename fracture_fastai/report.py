@@ -185,6 +185,13 @@ def _split_section(name: str, m: dict) -> str:
         summary["snapshot ensemble accuracy"] = (f"{_with_ci(snap.get('accuracy'), snap.get('accuracy_ci95'))} "
                                                  f"({len(snap.get('models', []))} snapshots, alone: "
                                                  f"{', '.join(_fmt(_round(a)) for a in snap.get('member_accuracy', []))})")
+    last = m.get("last_epoch")
+    if isinstance(last, dict) and "folder" in last:  # --keep-last: the last epoch as a second model
+        auroc = (f"; AUROC {_fmt(_round(last['auroc']))}, as one ensemble {_fmt(_round(last.get('ensemble_auroc')))}"
+                 if last.get("auroc") is not None else "")
+        summary[f"last epoch ({last['epoch']}, {last['folder']}/)"] = (
+            f"accuracy {_fmt(_round(last['accuracy']))}, with the kept epoch as one ensemble "
+            f"{_fmt(_round(last['ensemble_accuracy']))}{auroc}")
     parts.append(_kv_table({k: v for k, v in summary.items() if v not in (None, "")}))
     per_class = m.get("per_class") or {}
     if per_class:

@@ -86,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--snapshots", action="store_true",
                    help="SGDR: keep the weights at each cycle's end (snapshots/ in the run folder) and score them as "
                         "one ensemble (metrics.json: snapshot_ensemble; predict --ensemble takes them)")
+    g.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="where --monitor kept an earlier epoch, keep the last one too, as a run folder of its own "
+                        "(last_epoch/ in the run folder; metrics.json: last_epoch, with the two as one ensemble): a "
+                        "second model from the same training, for compare --ensemble and predict --ensemble")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; 0 = off")
     g.add_argument("--monitor", choices=["valid_loss", "accuracy", "auroc", "none"], default="valid_loss",
                    help="what picks the best epoch (and drives --patience); auroc: two classes only, the validation "
@@ -392,16 +396,73 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
                                                     **({"decision": decision} if binary else {})).items():
                 metrics[split]["snapshot_ensemble"] = scores
             write_json(metrics, out / "metrics.json")
+    last = None
+    if args.keep_last:
+        with phases("last_epoch"):
+            last = _last_epoch(learn, summary, args, out, outputs, binary, versions=config["versions"], tta=args.tta,
+                               heat_map=heat_map)
+            for split in outputs:
+                metrics[split]["last_epoch"] = {k: v for k, v in last.items() if k not in outputs} | last.get(split, {})
+            write_json(metrics, out / "metrics.json")
     with phases("report"):
         config.update(status="done", training=summary, seconds=round(time.time() - start, 1),
                       finished=datetime.now().isoformat(timespec="seconds"), phases=phases)
         config.pop("resume", None)
         write_json(config, out / "config.json")
+        if last and "folder" in last:  # the last epoch reads as a run of its own: compare, paired tests, ensembles
+            write_json({**config, "last_epoch_of": {"run": "..", "epoch": last["epoch"]}},
+                       out / last["folder"] / "config.json")
         write_report(out)
     config["phases"] = phases  # the report's own time, too
     write_json(config, out / "config.json")
     (out / learn.model_dir / CHECKPOINT).unlink(missing_ok=True)  # done: the export and best.pth are what is kept
     return learn, metrics
+
+
+def _last_epoch(learn, summary: dict, args, out: Path, outputs: dict, binary: dict, **model_json) -> dict:
+    """--keep-last: where the monitor kept an earlier epoch, the last epoch's weights (the checkpoint's) evaluated as a run
+    would be, and written as one, `last_epoch/` (model, predictions, metrics; its config.json once the run is done); the
+    two models' mean probabilities scored beside. `{'epoch', 'folder', split: {accuracy, ensemble_accuracy[, auroc,
+    ensemble_auroc]}}`, or `{'epoch', 'same_as_best': True}`. `learn` ends at its best epoch again."""
+    from fastai.torch_core import get_model
+    from sklearn.metrics import roc_auc_score
+
+    from .evaluate import classification_metrics, evaluate_learner, write_predictions
+    from .model_io import save_model
+    from .train import load_checkpoint
+    epoch = summary["epochs_run"] - 1
+    if summary["best_epoch"] == epoch:
+        return {"epoch": epoch, "same_as_best": True}
+    folder = out / "last_epoch"
+    get_model(learn.model).load_state_dict(load_checkpoint(out)["model"])  # the checkpoint: the last epoch's weights
+    rule = {"positive": binary["positive"], "operating_point": args.operating_point} if binary else {}
+    metrics, mine = {}, {}
+    for split, dl in (("valid", learn.dls.valid), ("test", learn.dls[2] if "test" in outputs else None)):
+        if dl is None: continue
+        scores, probs, targets = evaluate_learner(learn, dl=dl, tta=args.tta, **rule)
+        if binary:  # its own threshold, chosen on valid as the run chose the best epoch's
+            rule = {"positive": binary["positive"], "threshold": scores["binary"]["threshold"]}
+        metrics[split], mine[split] = scores, (probs, targets)
+    metrics["tta"] = args.tta
+    write_predictions(learn, folder / "predictions.csv", mine)
+    write_json(metrics, folder / "metrics.json")
+    decision = ({"decision": {"positive": binary["positive"], "threshold": rule["threshold"],
+                              "operating_point": args.operating_point, "chosen_on": "valid"}} if binary else {})
+    save_model(learn, folder, **model_json, **decision)
+    learn.load("best", with_opt=False)
+    result = {"epoch": epoch, "folder": folder.name}
+    for split, (probs, targets) in mine.items():
+        both = (outputs[split][0] + probs) / 2  # the two models as one ensemble: their mean probabilities
+        row = {"accuracy": metrics[split]["accuracy"],
+               "ensemble_accuracy": classification_metrics(targets, both.argmax(1), learn.dls.vocab)["accuracy"]}
+        if binary:
+            pos = list(learn.dls.vocab).index(binary["positive"])
+            positives = (targets == pos).numpy()
+            row.update(auroc=metrics[split]["binary"]["auroc"],
+                       ensemble_auroc=(float(roc_auc_score(positives, both[:, pos].numpy()))
+                                       if 0 < positives.sum() < len(positives) else None))
+        result[split] = row
+    return result
 
 
 def _snapshot_ensemble(learn, names: list, splits: dict, tta: str, out: Path, outputs: dict, **model_json) -> dict:

@@ -243,3 +243,40 @@ def test_split_seed_also_draws_the_sample(binary_run, tmp_path):
                "--bs", "2", "--seed", "7", "--split-seed", "42", "--sample", "1", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert set(pd.read_csv(out / "predictions.csv").file) == scored[42]
+
+
+def test_keep_last_writes_the_last_epoch_as_a_run_and_scores_the_pair(tmp_path, fracatlas_maker):
+    from sklearn.metrics import roc_auc_score
+    from fracture_fastai.run import main
+    from fracture_fastai.stats import ensemble_binary
+    data = fracatlas_maker(tmp_path / "fa", n_fractured=12, n_normal=24)
+    common = ["--arch", "cnn", "--data", str(data), "--size", "32", "--epochs", "3", "--bs", "8", "--tta", "none",
+              "--operating-point", "sens=0.90", "--keep-last", "--lr", "1e-3"]
+    out = tmp_path / "run"
+    main([*common, "--out", str(out)])
+    history, config = pd.read_csv(out / "history.csv"), json.loads((out / "config.json").read_text())
+    assert config["training"]["best_epoch"] == 0, "this seed's validation loss is lowest after the first epoch"
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = out / "last_epoch"
+    mine = json.loads((last / "metrics.json").read_text())
+    # each folder holds the weights it says: its loss on the validation split is that epoch's in history.csv
+    assert metrics["valid"]["loss"] == pytest.approx(history.valid_loss[0], rel=1e-4)
+    assert mine["valid"]["loss"] == pytest.approx(history.valid_loss[2], rel=1e-4)
+    assert {"model.json", "model.safetensors", "predictions.csv", "metrics.json", "config.json"} <= {p.name for p in last.iterdir()}
+    assert json.loads((last / "config.json").read_text())["last_epoch_of"] == {"run": "..", "epoch": 2}
+    decision = json.loads((last / "model.json").read_text())["decision"]
+    assert decision["threshold"] == mine["valid"]["binary"]["threshold"] == mine["test"]["binary"]["threshold"]
+    # the pair as one ensemble, from the two prediction files, as metrics.json and ensemble_binary score it
+    a, b = (pd.read_csv(d / "predictions.csv").query("split == 'valid'") for d in (out, last))
+    assert list(a.file) == list(b.file)
+    pair = roc_auc_score(a.label == "fractured", (a.prob_fractured + b.prob_fractured) / 2)
+    entry = metrics["valid"]["last_epoch"]
+    assert entry["epoch"] == 2 and entry["folder"] == "last_epoch" and entry["auroc"] == mine["valid"]["binary"]["auroc"]
+    assert entry["ensemble_auroc"] == pytest.approx(pair)
+    assert ensemble_binary([out, last])["valid"]["auroc"] == pytest.approx(pair)
+    assert "last epoch (2, last_epoch/)" in (out / "report.html").read_text()
+    assert not (out / "models" / "checkpoint.pth").exists()
+    # where the kept epoch is the last one there is no second model
+    main([*common, "--monitor", "none", "--out", str(tmp_path / "none")])
+    assert json.loads((tmp_path / "none" / "metrics.json").read_text())["valid"]["last_epoch"] == {"epoch": 2, "same_as_best": True}
+    assert not (tmp_path / "none" / "last_epoch").exists()
