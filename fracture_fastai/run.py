@@ -410,8 +410,11 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
         config.pop("resume", None)
         write_json(config, out / "config.json")
         if last and "folder" in last:  # the last epoch reads as a run of its own: compare, paired tests, ensembles
-            write_json({**config, "last_epoch_of": {"run": "..", "epoch": last["epoch"]}},
-                       out / last["folder"] / "config.json")
+            from .model_io import read_decision
+            mine = {"decision": read_decision(out / last["folder"])} if binary else {}  # its own threshold
+            # "epoch": "last" sets it apart from the run in compare's groups of seeds, and pairs the two by that option
+            write_json({**config, **mine, "options": {**config["options"], "epoch": "last"},
+                        "last_epoch_of": {"run": "..", "epoch": last["epoch"]}}, out / last["folder"] / "config.json")
         write_report(out)
     config["phases"] = phases  # the report's own time, too
     write_json(config, out / "config.json")

@@ -264,8 +264,10 @@ def test_keep_last_writes_the_last_epoch_as_a_run_and_scores_the_pair(tmp_path, 
     assert mine["valid"]["loss"] == pytest.approx(history.valid_loss[2], rel=1e-4)
     assert {"model.json", "model.safetensors", "predictions.csv", "metrics.json", "config.json"} <= {p.name for p in last.iterdir()}
     assert json.loads((last / "config.json").read_text())["last_epoch_of"] == {"run": "..", "epoch": 2}
+    assert json.loads((last / "config.json").read_text())["options"]["epoch"] == "last"  # not a second seed to compare
     decision = json.loads((last / "model.json").read_text())["decision"]
     assert decision["threshold"] == mine["valid"]["binary"]["threshold"] == mine["test"]["binary"]["threshold"]
+    assert json.loads((last / "config.json").read_text())["decision"] == decision
     # the pair as one ensemble, from the two prediction files, as metrics.json and ensemble_binary score it
     a, b = (pd.read_csv(d / "predictions.csv").query("split == 'valid'") for d in (out, last))
     assert list(a.file) == list(b.file)
@@ -274,6 +276,9 @@ def test_keep_last_writes_the_last_epoch_as_a_run_and_scores_the_pair(tmp_path, 
     assert entry["epoch"] == 2 and entry["folder"] == "last_epoch" and entry["auroc"] == mine["valid"]["binary"]["auroc"]
     assert entry["ensemble_auroc"] == pytest.approx(pair)
     assert ensemble_binary([out, last])["valid"]["auroc"] == pytest.approx(pair)
+    res = _cli("fracture_fastai.compare", str(out), str(last), "--ensemble", "--no-timing", "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr[-2000:]  # the last epoch is a run of its own to compare's leaderboard too
+    assert json.loads((tmp_path / "cmp" / "ensemble.json").read_text())["valid"]["auroc"] == pytest.approx(pair)
     assert "last epoch (2, last_epoch/)" in (out / "report.html").read_text()
     assert not (out / "models" / "checkpoint.pth").exists()
     # where the kept epoch is the last one there is no second model
