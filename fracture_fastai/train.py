@@ -422,7 +422,7 @@ def _callbacks(monitor: str, patience: int, history: HistoryCallback, from_epoch
     # fastai picks the direction from the name: lower is better for a loss, higher for accuracy.
     # With progressive resizing an epoch validates at its own size, so only full-size epochs compete: the kept
     # model must score what the export (full size) will score.
-    if monitor == "none": return [history]  # the last epoch is kept (saved as "best" after the fit), as fit_one_cycle leaves it
+    if monitor == "none": return [history]  # the last epoch is kept (and saved as "best" after the fit), no early stopping
     trackers = trackers or {}
     cbs = [history, _SaveBest(monitor=monitor, fname="best", with_opt=False, from_epoch=from_epoch,
                               state=trackers.get("_SaveBest"))]
@@ -442,7 +442,7 @@ def train(
     cycle_len: int = 2,  # SGDR: epochs of the first cycle
     cycle_mult: int = 1,  # SGDR: growth of each later cycle
     patience: int = 10,  # early stopping after this many epochs without improvement; 0 = off
-    monitor: str = "valid_loss",  # what picks the best epoch and drives early stopping: 'valid_loss', 'accuracy', 'auroc'; 'none': the last epoch, no early stopping
+    monitor: str = "valid_loss",  # picks the best epoch, drives early stopping: 'valid_loss', 'accuracy', 'auroc'; 'none': the last
     out_dir=None,  # where lr_find.png, history.csv and the best weights go
     lr_find_iters: int = 50,  # iterations of the lr_find sweep
     min_size: int | None = None,  # progressive resizing: first epochs at this side, ramping up to the DataLoaders' size
