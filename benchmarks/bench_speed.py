@@ -188,13 +188,13 @@ def measure_onnx(learn, files, bs: int = 16) -> dict:
 
 def measure_phases(args, extra) -> dict:
     "A whole run with the command line's defaults (`--quick`: a sample), its phases from config.json."
-    out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
+    out = (Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-run-"))) / "run"
     cmd = ["fracture_fastai.run", "--arch", args.arch, "--data", str(args.data), "--out", str(out)]
     cmd += ["--sample", "15", "--epochs", "1"] if args.quick else []
     seconds = _timed_cli(*cmd, *extra)
     config = json.loads((out / "config.json").read_text())
     valid = json.loads((out / "metrics.json").read_text())["valid"]
-    return {"run_minutes": seconds / 60, "run_folder": str(out), "phases": config["phases"],
+    return {"run_minutes": seconds / 60, **({"run_folder": str(out)} if args.keep else {}), "phases": config["phases"],
             "run_images_per_epoch": config["data"]["images_per_epoch"], "valid_accuracy": valid["accuracy"],
             "valid_accuracy_ci95": valid["accuracy_ci95"], "valid_n": valid["n"]}
 
@@ -213,8 +213,23 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a small sample: the same keys in under 3 minutes")
     p.add_argument("--no-run", action="store_true", help="skip the whole default run (phases)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="leave the whole run (phases) in DIR/run; by default every folder made is removed at the end")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    if args.keep and (Path(args.keep) / "run").exists():
+        sys.exit(f"--keep {args.keep}: {Path(args.keep) / 'run'} exists already; give another folder")
+    # The caches, models and predictions made below go in one scratch folder, removed at the end, so repeated
+    # benchmarks leave nothing behind (the run's folder, where --keep asks for it, is made outside it).
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            _measure(args, extra)
+        finally:
+            tempfile.tempdir = None
+
+
+def _measure(args, extra):
     args.data = Path(args.data)
     if args.size is None:
         from fracture_fastai.run import SIZE

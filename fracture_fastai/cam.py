@@ -23,8 +23,8 @@ from .files import save_figure
 from .evaluate import accuracy_ci, plt  # pyplot on the file backend, or a notebook's own
 
 __all__ = ["DEFAULT_TOLERANCE", "RESIZE_METHODS", "gradcam", "explain_file", "decode_images", "overlay", "gradcam_grid",
-           "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation", "cam_pointing_loss",
-           "CamSupervision", "main"]
+           "polygon_to_input", "polygon_mask", "localisation_scores", "score_localisation",
+           "score_localisation_groups", "score_positives", "cam_pointing_loss", "CamSupervision", "main"]
 
 # The pointing game's slack, as a share of the input side (9 px at 224 px). A Grad-CAM map comes from a feature map
 # 32x coarser than the input (7x7 at 224 px), so its peak is only placed to within about half a cell (~16 px); 4 %
@@ -286,13 +286,18 @@ def gradcam_grid(
     alpha: float = 0.5,  # opacity of the heat map
     levels: int = 1,  # the heat map's feature-map levels (`gradcam`)
     flip: bool = False,  # maps and probabilities averaged with the mirror's, as the run's `tta='flip'` scores them
+    probs=None,  # `dl`'s class probabilities in its order, already evaluated (a run's): no pass to pick the images
+    targets=None,  # their labels, with `probs` (None: unlabelled)
 ) -> Path:
     "Grid of Grad-CAM overlays (predicted class) of `n` images, half right and half wrong where the data allow."
     dl = (learn.dls.valid if dl is None else dl).new(shuffle=False, drop_last=False)
     if not len(dl.dataset): raise UserError("no images to draw Grad-CAM for: the DataLoader is empty")
-    with learn.no_bar():
-        probs, targs = learn.get_preds(dl=dl, act=lambda o: F.softmax(o, dim=-1))[:2]
-    picks = _right_and_wrong(probs.float(), targs, n)
+    if probs is None:
+        with learn.no_bar():
+            probs, targets = learn.get_preds(dl=dl, act=lambda o: F.softmax(o, dim=-1))[:2]
+    elif len(probs) != len(dl.dataset):
+        raise ValueError(f"{len(probs)} probabilities for {len(dl.dataset)} images")
+    picks = _right_and_wrong(probs.float(), targets, n)
     x = _batch(dl, picks)[0]
     cams, shown, _ = _gradcam(learn, x, levels=levels, flip=flip)  # the titles give these maps' probabilities
     images = decode_images(dl, x)
@@ -307,11 +312,11 @@ def gradcam_grid(
         _show(ax_cam, img, cam, alpha)
         pred = int(p.argmax())
         title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"
-        right = targs is None or int(targs[i]) == pred
-        if targs is not None: title = f"{_class_name(vocab, int(targs[i]))} / {title}"
+        right = targets is None or int(targets[i]) == pred
+        if targets is not None: title = f"{_class_name(vocab, int(targets[i]))} / {title}"
         # Left-aligned over the pair: the title names the image, not one of its two panels.
-        ax_img.set_title(title, loc="left", fontsize=9, color="black" if targs is None else "green" if right else "red")
-    fig.suptitle("Grad-CAM of the predicted class: actual / predicted (probability)" if targs is not None
+        ax_img.set_title(title, loc="left", fontsize=9, color="black" if targets is None else "green" if right else "red")
+    fig.suptitle("Grad-CAM of the predicted class: actual / predicted (probability)" if targets is not None
                  else "Grad-CAM of the predicted class: predicted (probability)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,6 +466,22 @@ def score_localisation(
     flip=False,  # each map averaged with its mirror's, as a run with `tta='flip'` scores its probabilities (or one per learner)
 ) -> dict:
     "`localisation_scores` of the `target` class's Grad-CAM against each image's fracture polygons (through the Resize)."
+    return score_localisation_groups(learn, {"rows": rows}, dl, bs, tolerance, target, items, levels, flip)["rows"]
+
+
+def score_localisation_groups(
+    learn,  # a trained Learner, or several of one input (an ensemble: their maps averaged)
+    groups: dict,  # name -> indices of `dl.items` to score (None: every annotated image), e.g. all and true positives
+    dl=None,  # a validation or test DataLoader over a table with `file` and `polygons`; default `learn.dls.valid`
+    bs: int = 16,  # images per Grad-CAM pass
+    tolerance: float = DEFAULT_TOLERANCE,  # pointing-game slack as a share of the input's longer side
+    target=None,  # the class whose map is scored (name or index); None: each image's predicted class
+    items=None,  # the table of `dl`'s images in its order, where `dl` holds only their files
+    levels=1,  # the heat map's feature-map levels: one for every learner, or a list with one per learner
+    flip=False,  # each map averaged with its mirror's (or one per learner)
+) -> dict:
+    """`score_localisation` of each group of rows, `{name: scores}`: one Grad-CAM per image of their union, so a subset
+    (the true positives among all positives) costs no second pass."""
     import pandas as pd
     from .preprocess import image_size
     tolerance = _check_tolerance(tolerance)
@@ -479,10 +500,10 @@ def score_localisation(
         raise UserError("localisation needs a validation or test DataLoader: the training one pads and augments at random")
     resize = _find_resize(dl)
     size = (resize.size[1], resize.size[0])  # Resize keeps (w, h); polygon_to_input takes (h, w) like Resize's argument
+    groups = {name: range(len(items)) if rows is None else [int(i) for i in rows] for name, rows in groups.items()}
     # Iterated by index, not by `dl`, so each map meets its own row whatever the sampler; unannotated rows cost nothing.
-    candidates = range(len(items)) if rows is None else [int(i) for i in rows]
-    idxs = [i for i in candidates if _has_polygons(items.polygons.iloc[i])]
-    hits, masses, tolerance_px, skipped = [], [], None, len(candidates) - len(idxs)
+    idxs = sorted({i for rows in groups.values() for i in rows if _has_polygons(items.polygons.iloc[i])})
+    scored, tolerance_px = {}, None  # row -> (hit, mass); rows whose polygons all fell outside the input are absent
     for start in range(0, len(idxs), bs):
         chunk = idxs[start:start + bs]
         x = _batch(dl, chunk)[0]
@@ -492,15 +513,34 @@ def score_localisation(
             row = items.iloc[i]
             orig_size = image_size(row.file)  # the header alone, DICOM or not: no pixels decoded
             mask = polygon_mask(polygon_to_input(row.polygons, orig_size, size, str(resize.method)), size)
-            if not mask.any():  # every polygon fell outside the input (a bad annotation): nothing to point at
-                skipped += 1
-                continue
+            if not mask.any(): continue  # every polygon fell outside the input (a bad annotation): nothing to point at
             tolerance_px = tolerance * max(cam.shape)
-            hit, mass = _image_scores(cam, mask, tolerance_px)
-            hits.append(hit)
-            masses.append(mass)
-    return {**_aggregate(hits, masses, skipped, tolerance, tolerance_px),
-            "target": "predicted" if target is None else str(target), "levels": levels, "flip": flip}
+            scored[i] = _image_scores(cam, mask, tolerance_px)
+    made = {"target": "predicted" if target is None else str(target), "levels": levels, "flip": flip}
+    out = {}
+    for name, rows in groups.items():
+        mine = [scored[i] for i in rows if i in scored]
+        out[name] = {**_aggregate([h for h, _ in mine], [m for _, m in mine], len(rows) - len(mine), tolerance,
+                                  tolerance_px), **made}
+    return out
+
+
+def score_positives(
+    learn,  # a two-class Learner, or several (an ensemble: their maps averaged)
+    dl,  # a validation or test DataLoader over a table with `file` and `polygons`
+    positive: str,  # the finding's class, whose map is scored
+    is_positive,  # per image of `dl`: labelled positive (bools)
+    called,  # per image of `dl`: called positive at the decision threshold (bools)
+    **kwargs,  # to `score_localisation_groups`: items, levels, flip, bs, tolerance
+) -> dict:
+    """A binary test's localisation, from one map per positive: `localisation` on all positives and `localisation_tp` on
+    the true positives, each named by its `images`; a group with no annotated image is left out."""
+    is_positive = np.asarray(is_positive, bool)
+    groups = {"localisation": np.flatnonzero(is_positive),
+              "localisation_tp": np.flatnonzero(is_positive & np.asarray(called, bool))}
+    scores = score_localisation_groups(learn, groups, dl, target=positive, **kwargs)
+    names = {"localisation": "all positives", "localisation_tp": "true positives"}
+    return {key: {**s, "images": names[key]} for key, s in scores.items() if s["n"]}
 
 
 # ---------------------------------------------------------------- command line

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from statistics import NormalDist
 
@@ -226,13 +227,40 @@ def evaluate_learner(
 def interpretation(
     learn,  # a trained fastai Learner for classification
     dl=None,  # a labelled DataLoader; None: the validation set
+    probs=None,  # the class probabilities of `dl`'s images in its order, already evaluated (`evaluate_learner`): no pass
+    targets=None,  # their labels, with `probs`
 ):
-    "fastai's `ClassificationInterpretation` of `learn` on `dl`: the losses are computed once, here."
+    """fastai's `ClassificationInterpretation` of `learn` on `dl`: the losses are computed once, here, or, given the
+    evaluated `probs` and `targets`, taken from them (the negative log of each label's probability, as its metrics
+    scored it) with no pass over the data at all."""
     from fastai.interpret import ClassificationInterpretation
     dl = _labelled_dl(learn, dl)
+    if probs is not None:
+        return _evaluated_interpretation()(learn, dl.new(shuffle=False, drop_last=False), probs, targets)
     if dl is learn.dls.valid:
         dl = None  # fastai then makes an unshuffled copy of the validation set itself
     return ClassificationInterpretation.from_learner(learn, dl=dl)
+
+
+@cache  # one class, made on first use: fastai is imported then, not with this module
+def _evaluated_interpretation():
+    from fastai.interpret import ClassificationInterpretation
+    import torch
+
+    class Evaluated(ClassificationInterpretation):
+        "A `ClassificationInterpretation` of probabilities already evaluated: its losses and confusion matrix need no pass."
+        def __init__(self, learn, dl, probs, targets):
+            if len(probs) != len(dl.dataset) or len(targets) != len(probs):
+                raise ValueError(f"{len(probs)} probabilities and {len(targets)} labels for {len(dl.dataset)} images")
+            self.probs, self.targs = probs.float(), targets.long()
+            losses = -torch.log(self.probs.gather(1, self.targs[:, None])[:, 0].clamp_min(1e-12))
+            super().__init__(learn, dl, losses)
+
+        def confusion_matrix(self):
+            x = torch.arange(len(self.vocab))
+            d, t = self.probs.argmax(1), self.targs
+            return ((d == x[:, None]) & (t == x[:, None, None])).long().sum(2).numpy()
+    return Evaluated
 
 
 def _save(path) -> Path:
@@ -287,9 +315,11 @@ def interpretation_plots(
     dl=None,  # a labelled DataLoader; None: the validation set
     k: int = 9,  # images in the top-losses grid
     prefix: str = "",  # put before each file name, e.g. 'test_'
+    probs=None,  # `dl`'s class probabilities and labels as evaluated (`evaluate_learner`): no pass over the data
+    targets=None,
 ) -> list:
     "Write the confusion matrix and the top losses of `learn` on `dl` from one interpretation; their paths."
-    interp = interpretation(learn, dl)
+    interp = interpretation(learn, dl, probs, targets)
     out_dir = Path(out_dir)
     return [_save_confusion(interp, out_dir / f"{prefix}confusion_matrix.png"),
             _save_top_losses(interp, out_dir / f"{prefix}top_losses.png", k)]

@@ -309,7 +309,7 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     import pandas as pd
 
     from .cam import gradcam_grid
-    from .evaluate import evaluate_learner, interpretation_plots, plot_curves, write_predictions
+    from .evaluate import interpretation_plots, plot_curves
     from .report import write_report
     from .model_io import save_model
     from .distributed import data_parallel, is_main
@@ -348,17 +348,10 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]
-    binary = {"positive": args.positive, "operating_point": args.operating_point} if len(dls.vocab) == 2 else {}
+    binary = len(dls.vocab) == 2
     with phases("evaluate"):
-        metrics = {"valid": evaluate_learner(learn, tta=args.tta, **binary)}
-        if binary:  # the threshold is chosen on the validation split, then applied unchanged to the test split
-            binary = {"positive": args.positive, "threshold": metrics["valid"][0]["binary"]["threshold"]}
-        if len(dls.loaders) > 2:
-            metrics["test"] = evaluate_learner(learn, dl=dls[2], tta=args.tta, **binary)  # dls[2]: the labelled test split
-        outputs = {split: m[1:] for split, m in metrics.items()}  # split -> (probs, targets)
-        metrics = {split: m[0] for split, m in metrics.items()}
-        metrics["tta"] = args.tta
-        write_predictions(learn, out / "predictions.csv", outputs)  # per image, for paired comparisons of runs
+        metrics, outputs, threshold = _evaluate_splits(learn, args, out)
+        if binary: binary = {"positive": args.positive, "threshold": threshold}
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports, FracAtlas).
     # A flip-TTA run's maps are mirror-averaged like its probabilities: the map explains what the metrics score.
     heat_map = {"levels": args.cam_levels, "flip": args.tta == "flip"}
@@ -369,14 +362,14 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     write_json(metrics, out / "metrics.json")
     with phases("plots"):
         plot_curves(history, out / "curves.png")
-        interpretation_plots(learn, out)
+        interpretation_plots(learn, out, probs=outputs["valid"][0], targets=outputs["valid"][1])  # no pass: evaluated
         if binary:
             from .binary import binary_plots
             pos = list(dls.vocab).index(binary["positive"])
             binary_plots({split: ((t == pos).long(), p[:, pos]) for split, (p, t) in outputs.items()},
                          binary["threshold"], out, positive=binary["positive"])
     with phases("gradcam"):
-        gradcam_grid(learn, out / "gradcam.png", **heat_map)
+        gradcam_grid(learn, out / "gradcam.png", probs=outputs["valid"][0], targets=outputs["valid"][1], **heat_map)
     learn.remove_cbs(cbs)  # training-only callbacks (a sweep's pruning) stay out of the export
     if binary:  # the decision rule of a binary model: which class is the finding, from which probability on
         decision = {"positive": binary["positive"], "threshold": binary["threshold"],
@@ -422,6 +415,25 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     return learn, metrics
 
 
+def _evaluate_splits(learn, args, folder: Path) -> tuple:
+    """`(metrics, outputs, threshold)`: `learn` scored on the validation split and, where there is one, the labelled test
+    split (`learn.dls[2]`), with `args.tta`; the per-image predictions written to `folder/predictions.csv`, for paired
+    comparisons of runs. `outputs`: split -> (probs, targets). A two-class model's threshold is chosen on the validation
+    split by `args.operating_point`, then applied unchanged to the test split; `threshold` is None for more classes."""
+    from .evaluate import evaluate_learner, write_predictions
+    dls, binary = learn.dls, len(learn.dls.vocab) == 2
+    rule = {"positive": args.positive, "operating_point": args.operating_point} if binary else {}
+    metrics, outputs = {}, {}
+    for split, dl in (("valid", dls.valid), ("test", dls[2] if len(dls.loaders) > 2 else None)):
+        if dl is None: continue
+        scores, probs, targets = evaluate_learner(learn, dl=dl, tta=args.tta, **rule)
+        metrics[split], outputs[split] = scores, (probs, targets)
+        if binary: rule = {"positive": args.positive, "threshold": metrics["valid"]["binary"]["threshold"]}
+    metrics["tta"] = args.tta
+    write_predictions(learn, folder / "predictions.csv", outputs)
+    return metrics, outputs, rule.get("threshold")
+
+
 def _last_epoch(learn, summary: dict, args, out: Path, outputs: dict, binary: dict, **model_json) -> dict:
     """--keep-last: where the monitor kept an earlier epoch, the last epoch's weights (the checkpoint's) evaluated as a run
     would be, and written as one, `last_epoch/` (model, predictions, metrics; its config.json once the run is done); the
@@ -430,7 +442,7 @@ def _last_epoch(learn, summary: dict, args, out: Path, outputs: dict, binary: di
     from fastai.torch_core import get_model
     from sklearn.metrics import roc_auc_score
 
-    from .evaluate import classification_metrics, evaluate_learner, write_predictions
+    from .evaluate import classification_metrics
     from .model_io import save_model
     from .train import load_checkpoint
     epoch = summary["epochs_run"] - 1
@@ -438,18 +450,9 @@ def _last_epoch(learn, summary: dict, args, out: Path, outputs: dict, binary: di
         return {"epoch": epoch, "same_as_best": True}
     folder = out / "last_epoch"
     get_model(learn.model).load_state_dict(load_checkpoint(out)["model"])  # the checkpoint: the last epoch's weights
-    rule = {"positive": binary["positive"], "operating_point": args.operating_point} if binary else {}
-    metrics, mine = {}, {}
-    for split, dl in (("valid", learn.dls.valid), ("test", learn.dls[2] if "test" in outputs else None)):
-        if dl is None: continue
-        scores, probs, targets = evaluate_learner(learn, dl=dl, tta=args.tta, **rule)
-        if binary:  # its own threshold, chosen on valid as the run chose the best epoch's
-            rule = {"positive": binary["positive"], "threshold": scores["binary"]["threshold"]}
-        metrics[split], mine[split] = scores, (probs, targets)
-    metrics["tta"] = args.tta
-    write_predictions(learn, folder / "predictions.csv", mine)
+    metrics, mine, threshold = _evaluate_splits(learn, args, folder)
     write_json(metrics, folder / "metrics.json")
-    decision = ({"decision": {"positive": binary["positive"], "threshold": rule["threshold"],
+    decision = ({"decision": {"positive": binary["positive"], "threshold": threshold,
                               "operating_point": args.operating_point, "chosen_on": "valid"}} if binary else {})
     save_model(learn, folder, **model_json, **decision)
     learn.load("best", with_opt=False)
@@ -501,20 +504,13 @@ def _snapshot_ensemble(learn, names: list, splits: dict, tta: str, out: Path, ou
 def _localisation(learn, dl, binary: dict, probs, targets, heat_map: dict) -> dict:
     """Localisation scores of one split: the predicted class's map on every annotated image; for a binary model the
     positive class's map on all positives (`localisation`) and on the true positives (`localisation_tp`)."""
-    import numpy as np
-    from .cam import score_localisation
+    from .cam import score_localisation, score_positives
     if not binary:
         scores = score_localisation(learn, dl, **heat_map)
         return {"localisation": scores} if scores["n"] else {}
     pos = list(learn.dls.vocab).index(binary["positive"])
-    positives = (targets == pos).numpy()
-    called = (probs[:, pos] >= binary["threshold"]).numpy()
-    out = {}
-    for key, rows, name in (("localisation", positives, "all positives"),
-                            ("localisation_tp", positives & called, "true positives")):
-        scores = score_localisation(learn, dl, target=binary["positive"], rows=np.flatnonzero(rows), **heat_map)
-        if scores["n"]: out[key] = {**scores, "images": name}
-    return out
+    return score_positives(learn, dl, binary["positive"], (targets == pos).numpy(),
+                           (probs[:, pos] >= binary["threshold"]).numpy(), **heat_map)
 
 
 def run(

@@ -332,19 +332,15 @@ def _ensemble_localisation(runs: list, learns: list, table: pd.DataFrame, labels
                            positive: str) -> dict:
     """The pointing game and mass inside of the ensemble's heat map (its members' Grad-CAMs averaged) against the
     fracture boxes, on all positives and on the true positives, as a run scores its own (`localisation[_tp]`)."""
-    from .cam import score_localisation
+    from .cam import score_positives
     from .model_io import read_heat_map
     makes = [read_heat_map(r) for r in runs]  # each member's map made as its run made it, as its probabilities were
     items = table.reindex(labels.index).rename_axis("file").reset_index()
     items["polygons"] = [p if isinstance(p, (list, tuple, np.ndarray)) else [] for p in items.polygons]
     dl = learns[0].dls.test_dl(list(items.file))
-    out = {}
-    for key, rows, name in (("localisation", positives, "all positives"),
-                            ("localisation_tp", positives & called, "true positives")):
-        scores = score_localisation(learns, dl, target=positive, rows=np.flatnonzero(rows), items=items,
-                                    levels=[m["levels"] for m in makes], flip=[m["flip"] for m in makes])
-        if scores["n"]: out[key] = {**scores, "images": name, "maps": "the members' Grad-CAMs averaged"}
-    return out
+    scores = score_positives(learns, dl, positive, positives, called, items=items,
+                             levels=[m["levels"] for m in makes], flip=[m["flip"] for m in makes])
+    return {key: {**s, "maps": "the members' Grad-CAMs averaged"} for key, s in scores.items()}
 
 
 def ensemble_binary(

@@ -323,6 +323,43 @@ def test_gradcam_grid_writes_a_png(cnn_learner, tmp_path):
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_gradcam_grid_from_evaluated_probabilities_makes_no_pass(cnn_learner, tmp_path, monkeypatch):
+    probs, targets = cnn_learner.get_preds(dl=cnn_learner.dls.valid)[:2]
+    monkeypatch.setattr(cnn_learner, "get_preds", lambda *a, **k: pytest.fail("a pass over the data"))
+    path = gradcam_grid(cnn_learner, tmp_path / "gradcam.png", n=4, probs=probs, targets=targets)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="probabilities for"):
+        gradcam_grid(cnn_learner, tmp_path / "g.png", n=4, probs=probs[:3], targets=targets[:3])
+
+
+def test_localisation_groups_score_each_subset_from_one_map_per_image(cnn_learner, demo_dls, monkeypatch):
+    import fracture_fastai.cam as cam
+    from fracture_fastai.cam import score_localisation_groups, score_positives
+    annotated = [i for i, p in enumerate(demo_dls.valid.items.polygons) if len(p)]
+    some, others = annotated[:7], annotated[3:10]  # overlapping subsets
+    alone = {name: score_localisation(cnn_learner, bs=4, target=1, rows=rows)
+             for name, rows in (("some", some), ("others", others))}
+    seen = []
+    real = cam._gradcam
+    monkeypatch.setattr(cam, "_gradcam", lambda learn, x, *a, **k: seen.append(len(x)) or real(learn, x, *a, **k))
+    both = score_localisation_groups(cnn_learner, {"some": some, "others": others}, bs=4, target=1)
+    assert sum(seen) == len(set(some) | set(others)) == 10  # each image's map made once
+    for name in alone:  # the same scores as scoring each subset on its own (batches differ: floats to rounding)
+        assert both[name].keys() == alone[name].keys()
+        assert both[name] == {k: pytest.approx(v) if isinstance(v, (float, list)) else v for k, v in alone[name].items()}
+    assert both["some"]["n"] == 7 and both["others"]["n"] == 7
+    # A binary test's pair: all positives and the true positives among them, one map each
+    seen.clear()
+    is_positive = np.zeros(len(demo_dls.valid.items), bool); is_positive[some] = True
+    called = np.zeros_like(is_positive); called[annotated[:2]] = True; called[annotated[-1]] = True  # one false positive
+    pair = score_positives(cnn_learner, demo_dls.valid, 1, is_positive, called, bs=4)
+    assert sum(seen) == 7 and pair["localisation"]["images"] == "all positives"
+    assert {k: v for k, v in pair["localisation"].items() if k != "images"} == {
+        k: pytest.approx(v) if isinstance(v, (float, list)) else v for k, v in alone["some"].items()}
+    assert pair["localisation_tp"]["n"] == 2 and pair["localisation_tp"]["images"] == "true positives"
+    assert score_positives(cnn_learner, demo_dls.valid, 1, is_positive, np.zeros_like(called)).keys() == {"localisation"}
+
+
 # ---------------------------------------------------------------- the command line
 
 

@@ -191,6 +191,25 @@ def test_interpretation_plots(trained, tmp_path):
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
 
 
+def test_interpretation_from_evaluated_probabilities_makes_no_pass(trained, tmp_path, monkeypatch):
+    from fracture_fastai.evaluate import interpretation
+    learn, _ = trained
+    _, probs, targets = evaluate_learner(learn, tta="flip")
+    fastai_own = interpretation(learn)
+    evaluated = interpretation(learn, probs=probs, targets=targets)
+    assert (evaluated.confusion_matrix() == fastai_own.confusion_matrix()).all()
+    nll = -torch.log(probs[torch.arange(len(targets)), targets])
+    assert torch.allclose(evaluated.losses, nll, atol=1e-5)
+    calls = []
+    real = learn.get_preds
+    monkeypatch.setattr(learn, "get_preds", lambda *a, **k: calls.append(len(k["dl"].dataset)) or real(*a, **k))
+    paths = interpretation_plots(learn, tmp_path / "run", k=4, probs=probs, targets=targets)
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+    assert calls == [4]  # only the four top-loss images are read again, to draw them
+    with pytest.raises(ValueError, match="probabilities"):
+        interpretation(learn, probs=probs[:2], targets=targets[:2])
+
+
 def test_single_plots_and_k_beyond_the_data(trained, tmp_path):
     import matplotlib.pyplot as plt
     learn, _ = trained
