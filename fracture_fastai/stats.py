@@ -86,6 +86,8 @@ def run_options(run) -> dict:
     config = _read_json(Path(run) / "config.json")
     opts = {k: v for k, v in config.get("options", {}).items() if k not in NOT_CONFIG}
     opts["data"] = config.get("data", {}).get("path", opts.get("data"))  # 'demo' rather than None
+    # Which of the training's epochs the model is: the one its monitor kept, or (a run's last_epoch/) its last
+    opts.setdefault("epoch", "kept")
     return opts
 
 

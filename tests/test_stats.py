@@ -110,6 +110,19 @@ def test_paired_by_option_finds_the_one_option_that_differs(clahe_runs):
         paired_by_option(sorted(clahe_runs.iterdir()), option="arch")
 
 
+def test_a_runs_last_epoch_is_paired_with_the_kept_one_not_grouped_as_a_seed(tmp_path):
+    kept = _fake_run(tmp_path, "run", [i < 15 for i in range(20)], 42)
+    last = _fake_run(kept, "last_epoch", [i < 13 for i in range(20)], 42)
+    config = json.loads((last / "config.json").read_text())
+    config["options"]["epoch"] = "last"  # as run --keep-last writes it
+    (last / "config.json").write_text(json.dumps(config))
+    assert [[r.name for r in members] for _, members in seed_groups([kept, last])] == [["run"], ["last_epoch"]]
+    assert list(group_table([kept, last]).epoch) == ["kept", "last"]  # the run's own epoch named, not missing
+    [c] = paired_by_option([kept, last])
+    assert (c["option"], c["a"], c["b"]) == ("epoch", "kept", "last")
+    assert c["accuracy_diff"] == pytest.approx(0.65 - 0.75)
+
+
 def test_runs_on_different_images_are_not_paired(tmp_path):
     a = _fake_run(tmp_path, "a", [True] * 4, 42)
     b = _fake_run(tmp_path, "b", [True] * 4, 42, no_clahe=True, files=[f"/other/{i}.png" for i in range(4)])
