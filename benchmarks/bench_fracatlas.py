@@ -97,6 +97,12 @@ def main():
               + _pointing(m, split))
     print(f"accuracy {b['accuracy']:.3f} vs {b['baseline_accuracy']:.3f} calling every image {b['negative']}")
     print(f"minutes {minutes:.1f} (target <= {TARGET_MINUTES:.0f}: ratio {minutes / TARGET_MINUTES:.3f})")
+    # The same trainings are deterministic but this CPU's speed is not: the epochs' own rate tells a slow day apart.
+    configs = [json.loads((r / "config.json").read_text()) for r in runs]
+    epochs = [(c["data"]["images_per_epoch"], s) for c in configs for s in c["phases"]["epochs"]]
+    seconds = sum(s for _, s in epochs)
+    print(f"of which epochs {seconds / 60:.1f} min: {len(epochs)} epochs of {min(s for _, s in epochs):.0f}-"
+          f"{max(s for _, s in epochs):.0f} s, {sum(n for n, _ in epochs) / seconds:.1f} training images/s")
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ def interpretation(
     scored it) with no pass over the data at all."""
     from fastai.interpret import ClassificationInterpretation
     dl = _labelled_dl(learn, dl)
+    if (probs is None) != (targets is None): raise ValueError("give both probs and targets, or neither")
     if probs is not None:
         return _evaluated_interpretation()(learn, dl.new(shuffle=False, drop_last=False), probs, targets)
     if dl is learn.dls.valid:

@@ -32,6 +32,11 @@ def test_bench_fracatlas_scores_a_seed_ensemble_on_one_split(tmp_path, fracatlas
                                f"{saved['valid']['auroc']:.3f}") for line in lines)
     assert any(line.startswith("ensemble of 4 models, 2 training(s) (seeds 5, 7) on the split of seed 5") for line in lines)
     assert f"AUROC {expected['auroc']:.3f}" in res.stdout and f"(threshold {expected['threshold']:.3f}" in res.stdout
-    assert sum(line.startswith("pointing game (seed") for line in lines) == 2 and "minutes " in lines[-1]
+    assert sum(line.startswith("pointing game (seed") for line in lines) == 2 and lines[-2].startswith("minutes ")
+    runs = [json.loads((out / f"seed-{s}" / "config.json").read_text()) for s in (5, 7)]
+    seconds = [e for c in runs for e in c["phases"]["epochs"]]  # the epochs' rate: what a slow CPU day shows in
+    rate = sum(c["data"]["images_per_epoch"] * len(c["phases"]["epochs"]) for c in runs) / sum(seconds)
+    assert lines[-1].startswith(f"of which epochs {sum(seconds) / 60:.1f} min: {len(seconds)} epochs of ")
+    assert lines[-1].endswith(f", {rate:.1f} training images/s")
     assert saved["runs"] == [str(m) for m in models]
     assert any(line.startswith("pointing game (the members' Grad-CAMs averaged): true positives") for line in lines)

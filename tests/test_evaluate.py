@@ -208,6 +208,8 @@ def test_interpretation_from_evaluated_probabilities_makes_no_pass(trained, tmp_
     assert calls == [4]  # only the four top-loss images are read again, to draw them
     with pytest.raises(ValueError, match="probabilities"):
         interpretation(learn, probs=probs[:2], targets=targets[:2])
+    with pytest.raises(ValueError, match="both"):
+        interpretation(learn, probs=probs)
 
 
 def test_single_plots_and_k_beyond_the_data(trained, tmp_path):
