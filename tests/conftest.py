@@ -1,5 +1,7 @@
 "Shared fixtures: the real shared dataset (skipped where absent), tiny synthetic datasets, an offline environment."
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,11 @@ import pytest
 # Tests never reach a model hub, and plots never need a display.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# The preprocessing cache of the test session lives apart from the user's own (subprocesses inherit it too).
-os.environ.setdefault("FRACTURE_FASTAI_CACHE", tempfile.mkdtemp(prefix="fracture-fastai-test-cache-"))
+# The preprocessing cache of the test session lives apart from the user's own (subprocesses, xdist's workers among
+# them, inherit it), and goes when the process that made it ends.
+if "FRACTURE_FASTAI_CACHE" not in os.environ:
+    os.environ["FRACTURE_FASTAI_CACHE"] = tempfile.mkdtemp(prefix="fracture-fastai-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FRACTURE_FASTAI_CACHE"], ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 YOLO_EXPORT = SHARED_DATA / "bone-fracture-yolo8"
