@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastai.callback.core import Callback
+from fastcore.meta import delegates
 
 from .errors import ArgumentParser, UserError, check_writable, cli_errors
 from .files import save_figure
@@ -525,13 +526,14 @@ def score_localisation_groups(
     return out
 
 
+@delegates(score_localisation_groups, but=["groups", "target"])
 def score_positives(
     learn,  # a two-class Learner, or several (an ensemble: their maps averaged)
     dl,  # a validation or test DataLoader over a table with `file` and `polygons`
     positive: str,  # the finding's class, whose map is scored
     is_positive,  # per image of `dl`: labelled positive (bools)
     called,  # per image of `dl`: called positive at the decision threshold (bools)
-    **kwargs,  # to `score_localisation_groups`: items, levels, flip, bs, tolerance
+    **kwargs,
 ) -> dict:
     """A binary test's localisation, from one map per positive: `localisation` on all positives and `localisation_tp` on
     the true positives, each named by its `images`; a group with no annotated image is left out."""
