@@ -279,6 +279,40 @@ def _right_and_wrong(probs: torch.Tensor, targs, n: int) -> list:
     return right[:n_right] + wrong[:n_wrong]
 
 
+def _binary_picks(p_positive: torch.Tensor, is_positive: torch.Tensor, threshold: float, n: int) -> list:
+    """Indices of up to `n` images of a binary test: about half true positives (the most confident first), the rest
+    false positives (most confident) and false negatives (most confidently missed) in turn, each filling in for the
+    others where they run short."""
+    called = p_positive >= threshold
+    order = p_positive.argsort(descending=True).tolist()
+    groups = [[i for i in order if is_positive[i] and called[i]],  # true positives
+              [i for i in order if not is_positive[i] and called[i]],  # false positives
+              [i for i in reversed(order) if is_positive[i] and not called[i]]]  # false negatives
+    quota = [n - n // 2, (n // 2 + 1) // 2, n // 4]
+    picks = [g[:q] for g, q in zip(groups, quota)]
+    for g, taken in zip(groups, picks):  # fill up from whatever is left, in the same order of importance
+        taken += g[len(taken):len(taken) + n - sum(map(len, picks))]
+    return [i for taken in picks for i in taken]
+
+
+def _input_polygons(dl, idxs) -> list:
+    "Per index of `dl.items`: its fracture polygons in model-input pixels ([] for none, or where `dl` carries none)."
+    from .preprocess import image_size
+    items = getattr(dl, "items", None)
+    if not hasattr(items, "columns") or "polygons" not in items.columns: return [[] for _ in idxs]
+    try:
+        resize = _find_resize(dl)
+    except UserError:  # not one Resize to map them through: draw none rather than draw them wrong
+        return [[] for _ in idxs]
+    size = (resize.size[1], resize.size[0])
+    out = []
+    for i in idxs:
+        row = items.iloc[i]
+        polys = row.polygons if _has_polygons(row.polygons) else []
+        out.append(polygon_to_input(polys, image_size(row.file), size, str(resize.method)) if len(polys) else [])
+    return out
+
+
 def gradcam_grid(
     learn,  # a trained Learner
     path,  # the PNG to write (a run's gradcam.png)
@@ -289,8 +323,12 @@ def gradcam_grid(
     flip: bool = False,  # maps and probabilities averaged with the mirror's, as the run's `tta='flip'` scores them
     probs=None,  # `dl`'s class probabilities in its order, already evaluated (a run's): no pass to pick the images
     targets=None,  # their labels, with `probs` (None: unlabelled)
+    positive=None,  # two classes: the finding; its map is drawn on true positives, false positives and misses
+    threshold: float = 0.5,  # with `positive`: the decision threshold on its probability
 ) -> Path:
-    "Grid of Grad-CAM overlays (predicted class) of `n` images, half right and half wrong where the data allow."
+    """Grid of Grad-CAM overlays of `n` images: the predicted class's map, half right and half wrong where the data
+    allow; or, for a binary test (`positive`), the finding's map on true positives, false positives and false
+    negatives, each called at `threshold`, as its localisation is scored. Annotated fractures are outlined on the maps."""
     dl = (learn.dls.valid if dl is None else dl).new(shuffle=False, drop_last=False)
     if not len(dl.dataset): raise UserError("no images to draw Grad-CAM for: the DataLoader is empty")
     if probs is None:
@@ -298,11 +336,19 @@ def gradcam_grid(
             probs, targets = learn.get_preds(dl=dl, act=lambda o: F.softmax(o, dim=-1))[:2]
     elif len(probs) != len(dl.dataset):
         raise ValueError(f"{len(probs)} probabilities for {len(dl.dataset)} images")
-    picks = _right_and_wrong(probs.float(), targets, n)
-    x = _batch(dl, picks)[0]
-    cams, shown, _ = _gradcam(learn, x, levels=levels, flip=flip)  # the titles give these maps' probabilities
-    images = decode_images(dl, x)
     vocab = _vocab(learn)
+    if positive is not None and probs.shape[1] != 2:
+        raise UserError(f"a binary test's Grad-CAM grid (positive={positive!r}) needs two classes; got {probs.shape[1]}")
+    pos = None if positive is None else _class_index(learn, positive, probs.shape[1])
+    if pos is not None and targets is not None:
+        picks = _binary_picks(probs[:, pos].float(), targets == pos, threshold, n)
+    else:
+        picks = _right_and_wrong(probs.float(), targets, n)
+    if not picks: raise UserError("no images to draw Grad-CAM for: no true or false positives and no misses")
+    x = _batch(dl, picks)[0]
+    cams, shown, _ = _gradcam(learn, x, target=pos, levels=levels, flip=flip)  # the titles give these maps' probabilities
+    images = decode_images(dl, x)
+    boxes = _input_polygons(dl, picks)
     cols = min(4, len(picks))
     rows = math.ceil(len(picks) / cols)
     fig, axs = plt.subplots(rows, 2 * cols, figsize=(4 * cols, 2.3 * rows), squeeze=False)
@@ -311,14 +357,26 @@ def gradcam_grid(
         ax_img, ax_cam = axs[j // cols, 2 * (j % cols)], axs[j // cols, 2 * (j % cols) + 1]
         _show(ax_img, img)
         _show(ax_cam, img, cam, alpha)
-        pred = int(p.argmax())
-        title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"
+        for poly in boxes[j]:  # the annotated fracture, where the map should point (pixel edges -> imshow's centres)
+            closed = np.vstack([poly, poly[:1]]) - 0.5
+            ax_cam.plot(closed[:, 0], closed[:, 1], color="white", linewidth=1)
+        if pos is None:
+            pred = int(p.argmax())
+            title = f"{_class_name(vocab, pred)} ({p[pred]:.2f})"
+        else:  # the call at the threshold, and the finding's probability
+            pred = pos if p[pos] >= threshold else 1 - pos
+            title = f"{_class_name(vocab, pred)} ({p[pos]:.2f})"
         right = targets is None or int(targets[i]) == pred
         if targets is not None: title = f"{_class_name(vocab, int(targets[i]))} / {title}"
         # Left-aligned over the pair: the title names the image, not one of its two panels.
         ax_img.set_title(title, loc="left", fontsize=9, color="black" if targets is None else "green" if right else "red")
-    fig.suptitle("Grad-CAM of the predicted class: actual / predicted (probability)" if targets is not None
+    if pos is not None:
+        title = (f"Grad-CAM of {_class_name(vocab, pos)}: actual / called at {threshold:.2f} "
+                 f"(probability of {_class_name(vocab, pos)})")
+    else:
+        title = ("Grad-CAM of the predicted class: actual / predicted (probability)" if targets is not None
                  else "Grad-CAM of the predicted class: predicted (probability)")
+    fig.suptitle(title + ("; white: the annotated fractures" if any(map(len, boxes)) else ""))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)

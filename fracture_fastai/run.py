@@ -369,7 +369,9 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
             binary_plots({split: ((t == pos).long(), p[:, pos]) for split, (p, t) in outputs.items()},
                          binary["threshold"], out, positive=binary["positive"])
     with phases("gradcam"):
-        gradcam_grid(learn, out / "gradcam.png", probs=outputs["valid"][0], targets=outputs["valid"][1], **heat_map)
+        # a binary test's: the finding's map on true and false positives and misses, called at its threshold
+        gradcam_grid(learn, out / "gradcam.png", probs=outputs["valid"][0], targets=outputs["valid"][1], **heat_map,
+                     **({"positive": binary["positive"], "threshold": binary["threshold"]} if binary else {}))
     learn.remove_cbs(cbs)  # training-only callbacks (a sweep's pruning) stay out of the export
     if binary:  # the decision rule of a binary model: which class is the finding, from which probability on
         decision = {"positive": binary["positive"], "threshold": binary["threshold"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fracture_fastai.cam import (_batch, _eval_mode, _gradcam, _right_and_wrong, gradcam, gradcam_grid, localisation_scores, main, polygon_mask,
+from fracture_fastai.cam import (_batch, _binary_picks, _eval_mode, _gradcam, _right_and_wrong, gradcam, gradcam_grid, localisation_scores, main, polygon_mask,
                                  polygon_to_input, score_localisation)
 from fracture_fastai.errors import UserError
 from fracture_fastai.evaluate import accuracy_ci
@@ -297,6 +297,17 @@ def test_right_and_wrong_picks_half_of_each_where_possible():
     assert _right_and_wrong(probs, torch.tensor([0, 0, 1, 1, 0]), 4) == [0, 2, 3, 1]  # no wrong ones: all right
 
 
+def test_binary_picks_true_positives_first_then_false_positives_and_misses():
+    p = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.95, 0.05, 0.4])
+    pos = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    # at 0.5: TP 0, 1, 3 (by p: 0.9, 0.8, 0.6); FP 7, 2 (0.95, 0.7); FN 6, 4, 9 (most confidently missed first: 0.1, 0.3, 0.4)
+    assert _binary_picks(p, pos, 0.5, 8) == [0, 1, 3, 7, 2, 6, 4, 9]  # 3 TPs of 4 wanted: a third miss fills in
+    assert _binary_picks(p, pos, 0.5, 4) == [0, 1, 7, 6]
+    assert _binary_picks(p, pos, 0.25, 4) == [0, 1, 7, 6]  # 0.3 is called now: TP 0, 1, 3, 9, 4; misses: 6 only
+    assert _binary_picks(p, pos, 0.99, 3) == [6, 4, 9]  # nothing called: only misses
+    assert _binary_picks(p, torch.zeros(10, dtype=torch.bool), 0.99, 3) == []  # nothing to show
+
+
 # ---------------------------------------------------------------- on the demo export
 
 
@@ -330,6 +341,42 @@ def test_gradcam_grid_from_evaluated_probabilities_makes_no_pass(cnn_learner, tm
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="probabilities for"):
         gradcam_grid(cnn_learner, tmp_path / "g.png", n=4, probs=probs[:3], targets=targets[:3])
+
+
+def test_gradcam_grid_of_a_binary_test_draws_the_findings_map(cnn_learner, tmp_path, fracatlas_maker, monkeypatch):
+    import fracture_fastai.cam as cam
+    from fracture_fastai.data import load_table, radiograph_dataloaders
+    from fracture_fastai.models import create_learner
+    table = load_table(fracatlas_maker(tmp_path / "fa", n_fractured=8, n_normal=8))
+    learn = create_learner("cnn", radiograph_dataloaders(table, size=32, bs=4, device="cpu", cache=False),
+                           pretrained="none")
+    probs, targets = learn.get_preds(dl=learn.dls.valid)[:2]
+    pos = list(learn.dls.vocab).index("fractured")
+    real, seen = cam._gradcam, []
+    monkeypatch.setattr(cam, "_gradcam", lambda learn, x, *a, **k: seen.append((len(x), k["target"])) or real(learn, x, *a, **k))
+    import matplotlib.axes
+    outlines, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, *a, **k: outlines.append((x, y)) or plot(ax, x, y, *a, **k))
+    path = gradcam_grid(learn, tmp_path / "gradcam.png", n=4, probs=probs, targets=targets, positive="fractured",
+                        threshold=0.0)  # every image called fractured: true and false positives only
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    n_positive = int((targets == pos).sum())
+    assert seen == [(4, pos)] and 0 < n_positive < len(targets)  # the finding's map, on the four picked images
+    # The fractured ones' boxes are outlined on their maps, in the input's pixels (closed: back to the first corner)
+    picks = _binary_picks(probs[:, pos], targets == pos, 0.0, 4)
+    boxes = cam._input_polygons(learn.dls.valid, picks)
+    assert [len(b) > 0 for b in boxes] == [bool(targets[i] == pos) for i in picks] and any(map(len, boxes))
+    assert len(outlines) == sum(map(len, boxes))
+    drawn = [np.column_stack(o) + 0.5 for o in outlines]
+    expected = [poly for b in boxes for poly in b]
+    assert all(np.allclose(d[:-1], e) and np.allclose(d[-1], e[0]) for d, e in zip(drawn, expected))
+    assert all(0 <= v <= 32 for e in expected for v in e.ravel())  # inside the 32 px input
+    with pytest.raises(UserError, match="no true or false positives"):  # nothing fractured, nothing called
+        gradcam_grid(learn, tmp_path / "g.png", n=4, probs=probs, targets=torch.full_like(targets, 1 - pos),
+                     positive="fractured", threshold=1.01)
+    with pytest.raises(UserError, match="needs two classes"):
+        gradcam_grid(cnn_learner, tmp_path / "g.png", probs=probs[:1].repeat(len(cnn_learner.dls.valid.items), 3),
+                     targets=None, positive="elbow")
 
 
 def test_localisation_groups_score_each_subset_from_one_map_per_image(cnn_learner, demo_dls, monkeypatch):
