@@ -348,10 +348,9 @@ def _train_and_evaluate(args, dls, out: Path, config: dict, phases: Phases, resu
     history = pd.read_csv(out / "history.csv")
     phases["lr_find"] = summary["lr_find_seconds"]
     phases["epochs"] = [float(x) for x in history.seconds]
-    binary = len(dls.vocab) == 2
     with phases("evaluate"):
         metrics, outputs, threshold = _evaluate_splits(learn, args, out)
-        if binary: binary = {"positive": args.positive, "threshold": threshold}
+    binary = {"positive": args.positive, "threshold": threshold} if threshold is not None else {}  # two classes
     # Does the heat map point at the annotated fracture? Only where the data carries polygons (YOLO exports, FracAtlas).
     # A flip-TTA run's maps are mirror-averaged like its probabilities: the map explains what the metrics score.
     heat_map = {"levels": args.cam_levels, "flip": args.tta == "flip"}
