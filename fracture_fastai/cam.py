@@ -643,6 +643,8 @@ def _parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv=None) -> int:
     "Command line: draw one Grad-CAM overlay per image, report failures; returns the exit code."
+    from .runtime import tune_malloc
+    tune_malloc()
     args = _parser().parse_args(argv)
     return _cam_command(args)
 
