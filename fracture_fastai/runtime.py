@@ -24,7 +24,7 @@ MALLOC_ENV = "FRACTURE_FASTAI_MALLOC"  # 'default' leaves the allocator as it is
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 1 << 30  # freed memory kept at the heap top before any is given back: 1 GiB
 MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap, reused, not mapped anew (a batch of 32 at 320 px
-# holds activations of 100-300 MiB; 192 px predict: 120 img/s, 112 at 32 MiB)
+# holds activations of 100-300 MiB; at 192 px, predict ran 120 img/s at 64 MiB and 112 at 32 MiB)
 
 
 def tune_malloc() -> bool:
